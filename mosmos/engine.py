@@ -1,0 +1,406 @@
+"""The training engine shared by both stages, on Hugging Face Accelerate.
+
+One flat loop (accelerate-examples style) that runs unchanged on one CPU, one GPU or many
+processes: device placement, autocast, gradient accumulation and clipping, AdamW with warmup +
+cosine decay, checkpoints with exact resume, TensorBoard logging, a progress bar on the main
+process, and guards against non-finite losses and Ctrl-C. It never knows which objective it runs:
+a :class:`Task` supplies the model, the data and a step function ``(model, batch) -> {"loss": ...}``.
+
+Exact resume: the sampler's order is a function of (seed, epoch) and augmentation is seeded per
+(seed, epoch, sample), so restoring model/optimizer/scheduler/RNG state with
+``accelerator.load_state`` and skipping the batches already seen reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mosmos.errors import ConfigError, MosmosError
+from mosmos.io import write_json
+
+logger = logging.getLogger("mosmos")
+
+CHECKPOINT_PREFIX = "step_"
+COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """The ``train`` section every stage shares."""
+
+    epochs: int = 10  # passes over the training set
+    max_steps: int | None = None  # optimizer steps; when set, overrides epochs
+    batch_size: int = 8  # per process
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not applied to norms/biases)
+    warmup_steps: int = 50  # linear warmup, then cosine decay to 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = 1.0  # max gradient norm; null disables
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast on GPU
+    num_workers: int = 0  # DataLoader workers per process
+    checkpoint_every: int = 200  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    resume: str | None = None  # "latest", a checkpoint directory, or null
+    log_every: int = 10  # optimizer steps between log lines / TensorBoard points
+    eval_every: int = 1  # epochs between evaluations
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
+    deterministic: bool = False  # torch deterministic algorithms (for exact-resume checks)
+
+    def validate(self) -> None:
+        checks = {
+            "train.epochs": self.epochs >= 1,
+            "train.batch_size": self.batch_size >= 1,
+            "train.lr": self.lr > 0,
+            "train.weight_decay": self.weight_decay >= 0,
+            "train.warmup_steps": self.warmup_steps >= 0,
+            "train.grad_accum": self.grad_accum >= 1,
+            "train.num_workers": self.num_workers >= 0,
+            "train.checkpoint_every": self.checkpoint_every >= 1,
+            "train.keep_checkpoints": self.keep_checkpoints >= 1,
+            "train.log_every": self.log_every >= 1,
+            "train.eval_every": self.eval_every >= 1,
+            "train.max_bad_steps": self.max_bad_steps >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key.split('.')[1])!r} is out of range")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps={self.max_steps} must be >= 1 or null")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError(f"train.clip_grad={self.clip_grad} must be > 0 or null")
+
+
+class Task(Protocol):
+    """What a stage hands the engine."""
+
+    model: torch.nn.Module
+    train_dataset: Dataset
+    collate_fn: Callable | None
+
+    def step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Named losses for one batch, with the total under ``"loss"``."""
+
+    def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+        """Validation metrics (runs on the main process, model unwrapped)."""
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on (seed, epoch), so resume is exact."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None):
+    """AdamW groups: no decay on biases, norms, temperatures and queries; optional per-prefix lr scale."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or "logit_scale" in name
+        scale = 1.0
+        for prefix, s in (lr_scale or {}).items():
+            if name.startswith(prefix):
+                scale = s
+        groups.setdefault((no_decay, scale), []).append(p)
+    return [
+        {"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr_scale": scale}
+        for (nd, scale), ps in groups.items()
+    ]
+
+
+def _cosine_with_warmup(optimizer, warmup: int, total: int):
+    # transformers' get_cosine_schedule_with_warmup does this too, but it ignores per-group scales.
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, k=k: k * factor(s) for k in scales])
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), reverse=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+class Engine:
+    """Runs a :class:`Task` under an ``accelerate.Accelerator``."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, output_dir: str | Path, seed: int, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.task, self.cfg, self.seed = task, cfg, seed
+        self.output_dir = Path(output_dir)
+        if accelerator is None:
+            accelerator = Accelerator(
+                gradient_accumulation_steps=cfg.grad_accum,
+                mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
+                log_with="tensorboard",
+                project_config=ProjectConfiguration(
+                    project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+                ),
+            )
+        self.accelerator = accelerator
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_done = 0  # micro-batches consumed in the current epoch
+        self.history: list[dict] = []
+        self._interrupted = False
+
+    # ---------------------------------------------------------------- set-up
+    def _prepare(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.sampler = EpochSampler(len(self.task.train_dataset), self.seed)
+        loader = DataLoader(
+            self.task.train_dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            collate_fn=self.task.collate_fn,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            # its own generator: creating an iterator draws a worker seed from it, and drawing from the
+            # global RNG would make dropout after a resume differ from the uninterrupted run
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        if len(loader) == 0:
+            raise MosmosError(
+                f"the training set has {len(self.task.train_dataset)} cases, fewer than one batch "
+                f"(train.batch_size={cfg.batch_size}); lower the batch size or add data"
+            )
+        groups = parameter_groups(self.task.model, cfg.weight_decay, getattr(self.task, "lr_scale", None))
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.model, self.optimizer, self.loader = acc.prepare(self.task.model, optimizer, loader)
+        self.steps_per_epoch = max(1, len(self.loader) // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.scheduler = _cosine_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        acc.register_for_checkpointing(self.scheduler)
+
+    # ---------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically (temp dir, fsync, rename) and prune old ones."""
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.global_step:08d}"
+        tmp = root / f".tmp_{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            state = {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "batches_done": self.batches_done,
+                "history": self.history,
+                "seed": self.seed,
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            _fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.output_dir)[self.cfg.keep_checkpoints :]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _resolve_resume(self) -> list[Path]:
+        resume = self.cfg.resume
+        if not resume:
+            return []
+        if resume == "latest":
+            return list_checkpoints(self.output_dir)
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"train.resume={resume!r}: no such checkpoint directory (or use 'latest')")
+        return [path]
+
+    def try_resume(self) -> bool:
+        """Load the newest usable checkpoint; a corrupt or partial one is skipped with a warning."""
+        for ckpt in self._resolve_resume():
+            if not (ckpt / COMPLETE_MARKER).is_file() or not (ckpt / STATE_FILE).is_file():
+                logger.warning("checkpoint %s is incomplete; falling back to the previous one", ckpt)
+                continue
+            try:
+                state = json.loads((ckpt / STATE_FILE).read_text())
+                self.accelerator.load_state(str(ckpt))
+            except Exception as exc:  # any failure to read means this checkpoint is unusable
+                logger.warning(
+                    "checkpoint %s could not be loaded (%s); falling back to the previous one", ckpt, exc
+                )
+                continue
+            self.global_step = state["global_step"]
+            self.epoch = state["epoch"]
+            self.batches_done = state["batches_done"]
+            self.history = state.get("history", [])
+            self.accelerator.print(f"resumed from {ckpt} at step {self.global_step} (epoch {self.epoch})")
+            return True
+        if self.cfg.resume and self.cfg.resume != "latest":
+            raise MosmosError(
+                f"could not resume from {self.cfg.resume}: the checkpoint is incomplete or corrupt"
+            )
+        return False
+
+    # ----------------------------------------------------------------- loop
+    def _on_sigint(self, signum, frame) -> None:  # Ctrl-C: finish the step, save, stop cleanly
+        self._interrupted = True
+
+    def _evaluate(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                metrics = self.task.evaluate(model, self.epoch)
+            model.train(was_training)
+            record = {"epoch": self.epoch, "step": self.global_step, **metrics}
+            self.history.append(record)
+            acc.log(
+                {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                step=self.global_step,
+            )
+            write_json(self.output_dir / "metrics.json", {"history": self.history, "final": record})
+            acc.print("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        acc.wait_for_everyone()
+
+    def fit(self) -> list[dict]:
+        """Train to ``total_steps``, evaluating every ``eval_every`` epochs; returns the metric history."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        self._prepare()
+        acc.init_trackers("tb")
+        self.try_resume()
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if acc.is_main_process else None
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            disable=not acc.is_local_main_process,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        bad_steps, running, t0 = 0, {}, time.time()
+        try:
+            while self.global_step < self.total_steps and not self._interrupted:
+                # accelerate's loaders re-seed their sampler with their own iteration counter on every
+                # pass, so the epoch is set on the loader (it forwards to EpochSampler.set_epoch)
+                if hasattr(self.task.train_dataset, "set_epoch"):
+                    self.task.train_dataset.set_epoch(self.epoch)
+                loader = self.loader
+                if self.batches_done:
+                    loader = acc.skip_first_batches(self.loader, self.batches_done)
+                loader.set_epoch(self.epoch)
+                for batch in loader:
+                    with acc.accumulate(self.model):
+                        losses = self.task.step(self.model, batch)
+                        loss = losses["loss"]
+                        finite = (
+                            acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item() > 0
+                        )
+                        if finite:
+                            acc.backward(loss)
+                            if acc.sync_gradients and cfg.clip_grad:
+                                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                            self.optimizer.step()  # accelerate skips it between accumulation steps
+                            if acc.sync_gradients:
+                                self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    self.batches_done += 1
+                    if not finite:
+                        bad_steps += 1
+                        acc.print(f"warning: non-finite loss at step {self.global_step}; step skipped")
+                        if bad_steps >= cfg.max_bad_steps:
+                            path = self.save_checkpoint()
+                            raise MosmosError(
+                                f"{bad_steps} consecutive non-finite losses at step {self.global_step}: "
+                                f"the learning rate (train.lr={cfg.lr}) is likely too high or the precision "
+                                f"(train.mixed_precision={cfg.mixed_precision}) too low; last good state in {path}"
+                            )
+                        continue
+                    bad_steps = 0
+                    for k, v in losses.items():
+                        running[k] = running.get(k, 0.0) + float(v.detach())
+                    if not acc.sync_gradients:
+                        continue
+                    self.global_step += 1
+                    bar.update(1)
+                    if self.global_step % cfg.log_every == 0:
+                        n = cfg.log_every * cfg.grad_accum
+                        logs = {f"train/{k}": v / n for k, v in running.items()}
+                        logs["train/lr"] = self.scheduler.get_last_lr()[0]
+                        acc.log(logs, step=self.global_step)
+                        bar.set_postfix(
+                            {k.split("/")[1]: f"{v:.3f}" for k, v in logs.items() if k != "train/lr"}
+                        )
+                        running = {}
+                    if self.global_step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if self.global_step >= self.total_steps or self._interrupted:
+                        break
+                else:
+                    self.epoch += 1
+                    self.batches_done = 0
+                    if self.epoch % cfg.eval_every == 0:
+                        self._evaluate()
+                    continue
+        finally:
+            bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        if self._interrupted:
+            path = self.save_checkpoint()
+            acc.print(f"interrupted: saved {path}; continue with train.resume=latest")
+            acc.end_training()
+            return self.history
+        if not self.history or self.history[-1]["step"] != self.global_step:
+            self._evaluate()
+        self.save_checkpoint()
+        acc.print(f"done: {self.global_step} steps in {time.time() - t0:.0f}s")
+        acc.end_training()
+        return self.history

@@ -1,0 +1,100 @@
+"""The stage 1 config: ``output_dir``, ``seed`` and the sections ``data``, ``model``, ``train``, ``eval``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mosmos.engine import TrainConfig
+from mosmos.errors import ConfigError
+
+
+@dataclass
+class PretrainData:
+    table: str = ""  # report table: CT-RATE style CSV, or any CSV/JSONL/Parquet
+    image_root: str | None = None  # folder the image column is relative to (default: the table's folder)
+    image_column: str = "VolumeName"  # column holding the image file name or path
+    report_columns: list[str] = field(
+        default_factory=lambda: ["Findings_EN", "Impressions_EN"]
+    )  # report text
+    vocabulary: str | None = None  # organ vocabulary YAML (default: configs/organs.yaml)
+    organs: list[str] | None = None  # organs to tag (default: every vocabulary organ)
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 3.0])  # resampling target, mm (RAS)
+    size: list[int] = field(default_factory=lambda: [128, 128, 64])  # network input, voxels
+    hu_window: list[float] = field(default_factory=lambda: [-200.0, 300.0])  # HU mapped to [0, 1]
+    body_threshold_hu: float = -500.0  # voxels above this are body (attention is restricted to them)
+    val_fraction: float = 0.15  # held-out share of cases, split by seed
+    cache_dir: str | None = None  # preprocessed-volume cache (default: OUTPUT_DIR/../.cache/pretrain)
+    augment: bool = True  # random affine / intensity augmentation of training images
+    max_length: int = 256  # report tokens
+    shuffle_reports: bool = False  # control experiment: pair every scan with another scan's report
+    ground_truth: str | None = None  # folder with findings.json and labels/ (synthetic data: pointing game)
+
+    def validate(self) -> None:
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ConfigError(f"data.spacing={self.spacing} must be three positive numbers (mm)")
+        if len(self.size) != 3 or min(self.size) < 8:
+            raise ConfigError(f"data.size={self.size} must be three integers >= 8")
+        if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
+            raise ConfigError(f"data.hu_window={self.hu_window} must be [low, high] with low < high")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
+        if not self.report_columns:
+            raise ConfigError("data.report_columns must name at least one column")
+
+
+@dataclass
+class PretrainModel:
+    image_encoder: str = "rescnn3d"  # registry name (see `mosmos models`)
+    encoder_kwargs: dict = field(default_factory=dict)  # constructor arguments of the image encoder
+    text_encoder: str = "small-bert"  # "small-bert" (built offline), a local HF directory, or a hub name
+    text_pooling: Literal["cls", "mean"] = "mean"  # report embedding from token states
+    text_kwargs: dict = field(default_factory=dict)  # small-bert size: hidden_size, num_layers, num_heads...
+    tokenizer_vocab_size: int = 2000  # WordPiece vocabulary trained on the reports (small-bert only)
+    freeze_text: bool = False  # freeze the text encoder and cache report embeddings
+    trust_remote_code: bool = False  # allow custom code from a HF model repository
+    embed_dim: int = 128  # shared image-report embedding size
+    tag_dim: int = 128  # pixel-tag attention width
+    tag_queries: Literal["text", "learned"] = "text"  # initialise tag queries from organ-name embeddings
+    init_temperature: float = 0.07  # CLIP temperature at start (learnable)
+    max_logit_scale: float = 100.0  # clamp of 1/temperature
+
+
+@dataclass
+class PretrainTrain(TrainConfig):
+    contrastive_weight: float = 1.0  # weight of the image-report InfoNCE term (0 disables it)
+    tag_weight: float = 1.0  # weight of the organ-tag term (0 disables it)
+    tag_loss: Literal["bce", "asl"] = "bce"  # multi-label loss
+    class_balance: bool = True  # weight tag classes by training-set frequency
+    queue_size: int = 0  # memory queue of past embeddings as extra negatives (0: off)
+
+    def validate(self) -> None:
+        super().validate()
+        if (
+            self.contrastive_weight < 0
+            or self.tag_weight < 0
+            or self.contrastive_weight + self.tag_weight == 0
+        ):
+            raise ConfigError("train.contrastive_weight and train.tag_weight must be >= 0, not both 0")
+        if self.queue_size < 0:
+            raise ConfigError(f"train.queue_size={self.queue_size} must be >= 0")
+
+
+@dataclass
+class PretrainEval:
+    attention_overlays: int = 4  # validation scans drawn to RUN/attention/*.png at the end
+    max_cases: int | None = None  # cap on validation cases per evaluation
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "runs/pretrain"  # the run directory
+    seed: int = 0  # one seed for split, sampling, augmentation and initialisation
+    data: PretrainData = field(default_factory=PretrainData)
+    model: PretrainModel = field(default_factory=PretrainModel)
+    train: PretrainTrain = field(default_factory=PretrainTrain)
+    eval: PretrainEval = field(default_factory=PretrainEval)
+
+    def validate(self) -> None:
+        if not self.data.table:
+            raise ConfigError("data.table is required: the report table (CSV/JSONL/Parquet)")

@@ -1,0 +1,118 @@
+"""The shared training engine: it learns, checkpoints atomically, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mosmos.engine import COMPLETE_MARKER, Engine, TrainConfig, list_checkpoints
+from mosmos.errors import ConfigError, MosmosError
+
+
+class NoisyRegression(torch.utils.data.Dataset):
+    """y = x @ w + noise, with per-(epoch, index) seeded 'augmentation' like the real datasets."""
+
+    def __init__(self, n: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.epoch * 10_000 + i)
+        return {"x": self.x[i] + 0.01 * torch.randn(4, generator=g), "y": self.y[i]}
+
+
+class Killed(Exception):
+    pass
+
+
+class ToyTask:
+    def __init__(self, nan_after: int | None = None, kill_at: int | None = None):
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.1), nn.Linear(16, 1))
+        self.train_dataset = NoisyRegression()
+        self.collate_fn = None
+        self.calls = 0
+        self.nan_after = nan_after
+        self.kill_at = kill_at
+
+    def step(self, model, batch):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            raise Killed  # like SIGKILL: nothing after this point is saved
+        loss = ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+        if self.nan_after is not None and self.calls > self.nan_after:
+            loss = loss * float("nan")
+        return {"loss": loss, "mse": loss.detach()}
+
+    def evaluate(self, model, epoch):
+        ds = self.train_dataset
+        return {"mse": float(((model(ds.x).squeeze(-1) - ds.y) ** 2).mean())}
+
+
+def _run(tmp, kill_at=None, **overrides):
+    cfg = TrainConfig(
+        epochs=6, batch_size=8, lr=5e-2, warmup_steps=2, checkpoint_every=5, log_every=5, deterministic=True
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    task = ToyTask(kill_at=kill_at)
+    history = Engine(task, cfg, tmp, seed=3).fit()
+    return task, history
+
+
+def test_engine_learns_and_writes_metrics(tmp_path):
+    task, history = _run(tmp_path)
+    assert history[-1]["mse"] < 0.2 * history[0]["mse"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["final"]["step"] == 48  # 64 cases / batch 8 = 8 steps x 6 epochs
+    ckpts = list_checkpoints(tmp_path)
+    assert len(ckpts) == 2 and all((c / COMPLETE_MARKER).is_file() for c in ckpts)
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+def _weights(task):
+    return {k: v.clone() for k, v in task.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_at", [13, 21])  # mid-epoch, and just after a checkpoint
+def test_resume_is_exact(tmp_path, stop_at):
+    full, _ = _run(tmp_path / "full")
+    with pytest.raises(Killed):  # killed in step `stop_at`; the last checkpoint before it survives
+        _run(tmp_path / "cut", kill_at=stop_at)
+    resumed, _ = _run(tmp_path / "cut", resume="latest")
+    for (k, a), b in zip(_weights(full).items(), _weights(resumed).values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+
+
+def test_corrupt_checkpoint_falls_back(tmp_path, caplog):
+    _run(tmp_path, max_steps=10, keep_checkpoints=3)
+    newest = list_checkpoints(tmp_path)[0]
+    for f in newest.glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    engine = Engine(ToyTask(), TrainConfig(batch_size=8, resume="latest"), tmp_path, seed=3)
+    engine._prepare()
+    assert engine.try_resume()
+    assert engine.global_step == 5
+
+
+def test_non_finite_losses_abort_with_checkpoint(tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=8, max_bad_steps=3, checkpoint_every=100)
+    with pytest.raises(MosmosError, match="non-finite"):
+        Engine(ToyTask(nan_after=4), cfg, tmp_path, seed=0).fit()
+    assert list_checkpoints(tmp_path)[0].name == "step_00000004"
+
+
+def test_config_ranges():
+    with pytest.raises(ConfigError, match="train.lr"):
+        TrainConfig(lr=-1.0).validate()
