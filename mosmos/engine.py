@@ -166,29 +166,32 @@ def _fsync_tree(path: Path) -> None:
 class Engine:
     """Runs a :class:`Task` under an ``accelerate.Accelerator``."""
 
-    def __init__(self, task: Task, cfg: TrainConfig, output_dir: str | Path, seed: int, accelerator=None):
+    @staticmethod
+    def make_accelerator(cfg: TrainConfig, output_dir: str | Path):
+        """The Accelerator a run uses (mixed precision only where a GPU is present)."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
+        return Accelerator(
+            gradient_accumulation_steps=cfg.grad_accum,
+            mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")
+            ),
+        )
+
+    def __init__(self, task: Task, cfg: TrainConfig, output_dir: str | Path, seed: int, accelerator=None):
         self.task, self.cfg, self.seed = task, cfg, seed
         self.output_dir = Path(output_dir)
-        if accelerator is None:
-            accelerator = Accelerator(
-                gradient_accumulation_steps=cfg.grad_accum,
-                mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
-                log_with="tensorboard",
-                project_config=ProjectConfiguration(
-                    project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
-                ),
-            )
-        self.accelerator = accelerator
+        self.accelerator = accelerator or self.make_accelerator(cfg, self.output_dir)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0  # micro-batches consumed in the current epoch
         self.history: list[dict] = []
-        self._interrupted = False
+        self.interrupted = False
 
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:
@@ -287,7 +290,7 @@ class Engine:
 
     # ----------------------------------------------------------------- loop
     def _on_sigint(self, signum, frame) -> None:  # Ctrl-C: finish the step, save, stop cleanly
-        self._interrupted = True
+        self.interrupted = True
 
     def _evaluate(self) -> None:
         acc = self.accelerator
@@ -327,7 +330,7 @@ class Engine:
         )
         bad_steps, running, t0 = 0, {}, time.time()
         try:
-            while self.global_step < self.total_steps and not self._interrupted:
+            while self.global_step < self.total_steps and not self.interrupted:
                 # accelerate's loaders re-seed their sampler with their own iteration counter on every
                 # pass, so the epoch is set on the loader (it forwards to EpochSampler.set_epoch)
                 if hasattr(self.task.train_dataset, "set_epoch"):
@@ -381,7 +384,7 @@ class Engine:
                         running = {}
                     if self.global_step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                    if self.global_step >= self.total_steps or self._interrupted:
+                    if self.global_step >= self.total_steps or self.interrupted:
                         break
                 else:
                     self.epoch += 1
@@ -393,7 +396,7 @@ class Engine:
             bar.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
-        if self._interrupted:
+        if self.interrupted:
             path = self.save_checkpoint()
             acc.print(f"interrupted: saved {path}; continue with train.resume=latest")
             acc.end_training()

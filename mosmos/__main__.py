@@ -1,0 +1,5 @@
+import sys
+
+from mosmos.cli import main
+
+sys.exit(main())

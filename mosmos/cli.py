@@ -1,0 +1,127 @@
+"""The ``mosmos`` command line: one verb per stage, each parsing and delegating.
+
+A stage is imported only inside the subcommand that runs it, so ``mosmos synth`` never loads
+the models and a missing optional piece cannot break unrelated verbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mosmos.errors import MosmosError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.size=[64,64,32]")
+
+
+def _synth(sub) -> None:
+    from mosmos.synth import cli
+
+    p = sub.add_parser(
+        "synth", help="generate synthetic CT phantoms, reports and partially labelled datasets"
+    )
+    cli.add_arguments(p)
+    p.set_defaults(func=cli.run)
+
+
+def _tags(sub) -> None:
+    p = sub.add_parser("tags", help="parse a report table into organ tags and print per-organ frequencies")
+
+    def run(args):
+        from pretrain import tags_cli
+
+        return tags_cli.run(args)
+
+    from pretrain import tags_cli
+
+    tags_cli.add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="stage 1: report-supervised pretraining (MOSMOS)")
+    _add_run_arguments(p)
+
+    def run(args):
+        from pretrain.train import main
+
+        return main(["--config", args.config, *args.overrides])
+
+    p.set_defaults(func=run)
+
+
+def _demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on generated data, on CPU (what `make demo` runs)")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data and training (default: 0)")
+
+    def run(args):
+        from mosmos.demo import run_demo
+
+        return run_demo(Path(args.out), seed=args.seed, configs=REPO_CONFIGS)
+
+    p.set_defaults(func=run)
+
+
+def _models(sub) -> None:
+    p = sub.add_parser("models", help="list the registered image encoders and networks")
+
+    def run(args):
+        from models.registry import list_models
+
+        for name in list_models():
+            print(name)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def run_stage(name: str, fn, argv: list[str] | None = None) -> int:
+    """Run a stage's ``main`` with mosmos' error handling (for ``python -m`` / ``accelerate launch``)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(fn(argv) or 0)
+    except MosmosError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mosmos",
+        description="Report-supervised pretraining and multi-organ segmentation from partially labelled CT.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in (_synth, _tags, _pretrain, _models, _demo):
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MosmosError as exc:
+        if args.verbose:
+            raise
+        print(f"mosmos {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mosmos {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

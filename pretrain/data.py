@@ -1,0 +1,282 @@
+"""Image–report data for stage 1: split, dataset (cached preprocessing + augmentation), collator.
+
+The organ tags come in as an array computed by the caller (``pretrain.tags.tag_matrix`` over the
+reports), so this module never parses text. Volumes go through the shared chain of
+:mod:`mosmos.transforms`, the deterministic part cached on disk by :mod:`mosmos.cache`; optional
+ground-truth organ label maps (for the pointing game) go through the same chain, nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mosmos.cache import cache_key, cached_dataset
+from mosmos.errors import ConfigError, DataError
+from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_augment, build_preprocess
+
+LABEL_KEY = "label"
+
+
+def split_cases(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/validation split of ``range(n)``, the same for the same seed on every machine.
+
+    Returns sorted, disjoint index arrays covering ``range(n)``; with ``0 < val_fraction`` and ``n >= 2``
+    each side gets at least one case.
+    """
+    if n < 0:
+        raise ConfigError(f"split_cases: n must be >= 0, got {n}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The root cause of an exception chain (MONAI wraps errors raised inside transforms)."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """Drop MetaTensor meta: cached and freshly computed items then look the same to collation."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+class ImageReportDataset(Dataset):
+    """CT volumes with their reports and organ tags.
+
+    Args:
+        records: from :func:`pretrain.table.read_report_table` (``case_id``, ``image``, ``report``).
+        tags: ``[N, n_organs, 2]`` int8 (1 positive, 0 negative, -1 unknown), row i for record i.
+        preprocess: the shared preprocessing config (spacing, size, HU window, ...).
+        cache_dir: root of the preprocessing cache (``None``: preprocess on every access).
+        train: apply random augmentation (:func:`mosmos.transforms.build_augment`) after the cache.
+        augment: overrides of the augmentation defaults.
+        label_paths: optional ground-truth organ label maps, one per record, for the pointing game.
+
+    With ``train=True`` load through ``monai.data.DataLoader`` (or pass
+    ``worker_init_fn=monai.data.utils.worker_init_fn``): it calls :meth:`set_random_state` in each
+    worker, so workers draw different, reproducible augmentations.
+
+    Items: ``image`` float32 ``[1, *size]`` in [0, 1], ``body_mask`` bool ``[1, *size]``, ``tags``
+    int8 ``[n_organs, 2]``, ``report`` str, ``index`` int, ``case_id`` str, and with ``label_paths``
+    ``labels`` int16 ``[1, *size]``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        tags: np.ndarray | torch.Tensor,
+        preprocess: PreprocessConfig,
+        cache_dir: str | Path | None = None,
+        train: bool = False,
+        augment: Mapping[str, float] | None = None,
+        label_paths: Sequence[str | Path] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.seed, self.epoch = seed, 0
+        self.records = [dict(r) for r in records]
+        missing = [k for k in ("case_id", "image", "report") if self.records and k not in self.records[0]]
+        if missing:
+            raise DataError(
+                f"records lack key(s) {missing}; build them with pretrain.table.read_report_table"
+            )
+        tags = torch.as_tensor(np.asarray(tags))
+        if tags.ndim != 3 or tags.shape[0] != len(self.records) or tags.shape[2] != 2:
+            raise DataError(
+                f"tags must have shape [n_records={len(self.records)}, n_organs, 2], got {tuple(tags.shape)}"
+            )
+        self.tags = tags.to(torch.int8)
+        self.label_paths = None
+        if label_paths is not None:
+            if len(label_paths) != len(self.records):
+                raise DataError(f"label_paths has {len(label_paths)} entries for {len(self.records)} records")
+            self.label_paths = [str(p) for p in label_paths]
+            absent = [p for p in self.label_paths if not Path(p).is_file()]
+            if absent:
+                raise DataError(f"{len(absent)} label map(s) not found (first: {absent[:3]})")
+
+        label_keys = (LABEL_KEY,) if self.label_paths else ()
+        items = [
+            {"image": r["image"], **({LABEL_KEY: self.label_paths[i]} if self.label_paths else {})}
+            for i, r in enumerate(self.records)
+        ]
+        self.preprocess = preprocess
+        self._volumes = cached_dataset(
+            items,
+            build_preprocess(preprocess, label_keys=label_keys),
+            cache_dir,
+            cache_key(preprocess, label_keys=label_keys),
+        )
+        self.augment = build_augment(preprocess, label_keys=label_keys, augment=augment) if train else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation is seeded per (seed, epoch, case): the same draw on resume, in any worker."""
+        self.epoch = epoch
+
+    def set_random_state(self, seed: int | None = None) -> ImageReportDataset:
+        """Seed the augmentation (``monai.data.DataLoader`` calls this once per worker)."""
+        if self.augment is not None:
+            self.augment.set_random_state(seed=seed)
+        return self
+
+    def _volume(self, index: int) -> dict[str, Any]:
+        try:
+            item = self._volumes[index]
+            if self.augment is not None:
+                self.augment.set_random_state(
+                    seed=(self.seed * 7_919 + self.epoch * 1_000_003 + index) % 2**32
+                )
+                item = self.augment(item)
+        except DataError:
+            raise
+        except Exception as e:  # MONAI wraps the real cause in RuntimeError("applying transform ...")
+            cause = _innermost(e)
+            if isinstance(cause, DataError):
+                raise cause from None
+            where = self.records[index]["image"]
+            if self.label_paths:
+                where += f" (labels {self.label_paths[index]})"
+            raise DataError(f"{where}: cannot load and preprocess: {type(cause).__name__}: {cause}") from None
+        return item
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        rec = self.records[index]
+        vol = self._volume(index)
+        out = {
+            "image": _plain(vol["image"]).float(),
+            "body_mask": _plain(vol[BODY_MASK_KEY]).bool(),
+            "tags": self.tags[index],
+            "report": rec["report"],
+            "index": index,
+            "case_id": str(rec["case_id"]),
+        }
+        if self.label_paths:
+            out["labels"] = _plain(vol[LABEL_KEY]).to(torch.int16)
+        return out
+
+
+class ReportCollator:
+    """Stacks tensors and tokenises the reports (padding to the longest, truncation to ``max_length``).
+
+    Tokenising here, in the data loader, keeps it out of ``forward`` and off the training process.
+    Output: ``image``, ``body_mask``, ``tags`` (and ``labels``) stacked; ``input_ids`` and
+    ``attention_mask`` ``[B, L]``; ``report``, ``case_id`` and ``index`` as lists.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 256) -> None:
+        if max_length < 1:
+            raise ConfigError(f"max_length must be >= 1, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not batch:
+            raise ValueError("ReportCollator got an empty batch")
+        out: dict[str, Any] = {}
+        for key in ("image", "body_mask", "tags", "labels"):
+            if key in batch[0]:
+                out[key] = torch.stack([b[key] for b in batch])
+        reports = [b["report"] for b in batch]
+        tok = self.tokenizer(
+            reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        out["input_ids"] = tok["input_ids"]
+        out["attention_mask"] = tok["attention_mask"]
+        out["report"] = reports
+        out["case_id"] = [b["case_id"] for b in batch]
+        out["index"] = [int(b["index"]) for b in batch]
+        return out
+
+
+@dataclass
+class PretrainData:
+    """Everything stage 1 training reads, built from the config by :func:`build_datasets`."""
+
+    train: ImageReportDataset
+    val: ImageReportDataset
+    train_reports: list[str]
+    train_tags: np.ndarray
+    organ_label_ids: list[int | None] | None
+
+    @staticmethod
+    def make_collator(tokenizer: Any, max_length: int) -> ReportCollator:
+        return ReportCollator(tokenizer, max_length)
+
+
+def _ground_truth(root: Path, records: list[dict], organs: list[str]) -> tuple[list[Path], list[int | None]]:
+    """Label-map paths per record and the label id of each organ, from a synthetic ``ground_truth/``."""
+    labels_json = root / "labels.json"
+    if not labels_json.is_file():
+        raise DataError(f"data.ground_truth={root}: {labels_json.name} not found")
+    ids = json.loads(labels_json.read_text())
+    paths = [root / "labels" / f"{r['case_id']}.nii.gz" for r in records]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"data.ground_truth={root}: {len(missing)} label maps missing (first: {missing[0]})")
+    return paths, [ids.get(o) for o in organs]
+
+
+def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
+    """Read the report table, parse tags, split by seed and build the cached datasets of a
+    :class:`pretrain.config.PretrainConfig`. With ``data.shuffle_reports`` every scan is paired with
+    another scan's report (and its tags): the shuffled-report control of the benchmark."""
+    from pretrain.table import read_report_table
+    from pretrain.tags import tag_matrix
+
+    d = cfg.data
+    records = read_report_table(d.table, d.image_column, d.report_columns, d.image_root)
+    if d.shuffle_reports:
+        perm = np.random.default_rng(cfg.seed + 1).permutation(len(records))
+        reports = [records[j]["report"] for j in perm]
+        for r, text in zip(records, reports, strict=True):
+            r["report"] = text
+    tags = tag_matrix([r["report"] for r in records], vocabulary)
+    train_idx, val_idx = split_cases(len(records), d.val_fraction, cfg.seed)
+    preprocess = PreprocessConfig(
+        spacing=tuple(d.spacing),
+        size=tuple(d.size),
+        hu_window=tuple(d.hu_window),
+        body_threshold_hu=d.body_threshold_hu,
+    )
+    cache_dir = Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir).parent / ".cache"
+    label_paths, organ_ids = (None, None)
+    if d.ground_truth:
+        label_paths, organ_ids = _ground_truth(Path(d.ground_truth), records, vocabulary.names)
+
+    def subset(idx: np.ndarray, train: bool, with_labels: bool) -> ImageReportDataset:
+        return ImageReportDataset(
+            [records[i] for i in idx],
+            tags[idx],
+            preprocess,
+            cache_dir=cache_dir,
+            train=train and d.augment,
+            label_paths=[label_paths[i] for i in idx] if (with_labels and label_paths) else None,
+            seed=cfg.seed,
+        )
+
+    return PretrainData(
+        train=subset(train_idx, train=True, with_labels=False),
+        val=subset(val_idx, train=False, with_labels=True),
+        train_reports=[records[i]["report"] for i in train_idx],
+        train_tags=tags[train_idx],
+        organ_label_ids=organ_ids,
+    )
