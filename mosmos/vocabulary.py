@@ -73,7 +73,9 @@ class Vocabulary:
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"unknown organ {name!r}; the vocabulary ({self.source}) has {self.names}") from None
+            raise KeyError(
+                f"unknown organ {name!r}; the vocabulary ({self.source}) has {self.names}"
+            ) from None
 
     def index(self, name: str) -> int:
         return self.names.index(self[name].name)
