@@ -1,0 +1,64 @@
+"""The stage 1 objective as one module: the pretraining model plus its losses.
+
+Wrapping model and losses together lets Accelerate/DDP see a single ``forward`` that returns the
+named losses, and keeps the contrastive queue (a buffer of the loss) inside the checkpointed state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.losses import ClipLoss, TagLoss
+
+
+class PretrainObjective(nn.Module):
+    """``forward(batch) -> {"loss", "contrastive", "tags"}`` for MOSMOS pretraining.
+
+    Global image–report alignment (symmetric InfoNCE, CLIP) plus multi-label organ recognition
+    through pixel-tag attention (MOSMOS, Tian et al. 2023), weighted by the config.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        contrastive_weight: float = 1.0,
+        tag_weight: float = 1.0,
+        tag_loss: str = "bce",
+        queue_size: int = 0,
+        pos_weight: torch.Tensor | None = None,
+        neg_weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.contrastive_weight = contrastive_weight
+        self.tag_weight = tag_weight
+        self.clip_loss = ClipLoss(gather=True, queue_size=queue_size) if contrastive_weight > 0 else None
+        self.tag_loss = TagLoss(kind=tag_loss) if tag_weight > 0 else None
+        self.register_buffer("pos_weight", pos_weight, persistent=True)
+        self.register_buffer("neg_weight", neg_weight, persistent=True)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        use_text = self.clip_loss is not None
+        out = self.model(
+            batch["image"],
+            mask=batch["body_mask"],
+            input_ids=batch.get("input_ids") if use_text else None,
+            attention_mask=batch.get("attention_mask") if use_text else None,
+            text_cache_keys=batch.get("report") if use_text else None,
+        )
+        losses: dict[str, torch.Tensor] = {}
+        total = out["tag_logits"].new_zeros(())
+        if self.clip_loss is not None:
+            losses["contrastive"] = self.clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"])
+            total = total + self.contrastive_weight * losses["contrastive"]
+        if self.tag_loss is not None:
+            losses["tags"] = self.tag_loss(
+                out["tag_logits"],
+                batch["tags"].to(out["tag_logits"].device),
+                self.pos_weight,
+                self.neg_weight,
+            )
+            total = total + self.tag_weight * losses["tags"]
+        losses["loss"] = total
+        return losses

@@ -1,0 +1,217 @@
+"""Stage 1 entry point: ``mosmos pretrain --config FILE`` / ``accelerate launch -m pretrain --config FILE``.
+
+Reads the report table, parses organ tags, builds the image encoder, text encoder and pixel-tag
+attention, trains them with the shared engine, evaluates each epoch and exports the encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mosmos.config import dump_config, load_config
+from mosmos.io import atomic_write_text, library_versions, write_json
+from mosmos.vocabulary import Vocabulary, load_vocabulary
+from pretrain.config import PretrainConfig
+
+logger = logging.getLogger("mosmos")
+
+
+def _organ_name_embeddings(tokenizer, text_encoder, vocab: Vocabulary) -> torch.Tensor:
+    """The text encoder's embedding of each organ's name: the initial pixel-tag queries."""
+    batch = tokenizer([o.display for o in vocab.organs], padding=True, return_tensors="pt")
+    was_training = text_encoder.training
+    text_encoder.eval()
+    with torch.no_grad():
+        emb = text_encoder(batch["input_ids"], batch["attention_mask"])
+    text_encoder.train(was_training)
+    return emb.detach()
+
+
+class PretrainTask:
+    """What the engine needs for stage 1: model (with losses), data and the step/eval functions."""
+
+    def __init__(self, cfg: PretrainConfig, accelerator) -> None:
+        from models.losses import class_balance_weights
+        from models.pretrain_model import MosmosPretrainModel
+        from models.registry import create_image_encoder
+        from pretrain.data import build_datasets
+        from pretrain.objective import PretrainObjective
+        from pretrain.text import build_text_side
+
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.vocab = load_vocabulary(cfg.data.vocabulary, cfg.data.organs)
+        data = build_datasets(cfg, self.vocab)
+        self.train_dataset, self.val_dataset = data.train, data.val
+        self.organ_label_ids = data.organ_label_ids
+
+        tokenizer_dir = self.output_dir / "text"
+        tokenizer, text_encoder = build_text_side(
+            cfg.model.text_encoder,
+            data.train_reports,
+            pooling=cfg.model.text_pooling,
+            text_kwargs=cfg.model.text_kwargs,
+            tokenizer_vocab_size=cfg.model.tokenizer_vocab_size,
+            trust_remote_code=cfg.model.trust_remote_code,
+            saved_tokenizer=tokenizer_dir,
+        )
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(str(tokenizer_dir))
+        self.tokenizer = tokenizer
+        query_init = _organ_name_embeddings(tokenizer, text_encoder, self.vocab)
+        if cfg.model.tag_queries != "text":
+            query_init = None
+        if cfg.train.contrastive_weight == 0:
+            text_encoder = None  # tags-only ablation: no report embedding is trained
+        elif cfg.model.freeze_text:
+            text_encoder.freeze()
+
+        image_encoder = create_image_encoder(
+            cfg.model.image_encoder, spatial_dims=3, in_channels=1, **cfg.model.encoder_kwargs
+        )
+        model = MosmosPretrainModel(
+            image_encoder,
+            text_encoder,
+            embed_dim=cfg.model.embed_dim,
+            num_tags=len(self.vocab),
+            tag_dim=cfg.model.tag_dim,
+            query_init=query_init,
+            init_temperature=cfg.model.init_temperature,
+            max_logit_scale=cfg.model.max_logit_scale,
+        )
+        pos_weight = neg_weight = None
+        if cfg.train.class_balance:
+            pos_weight, neg_weight = class_balance_weights(torch.as_tensor(data.train_tags, dtype=torch.long))
+        self.model = PretrainObjective(
+            model,
+            contrastive_weight=cfg.train.contrastive_weight,
+            tag_weight=cfg.train.tag_weight,
+            tag_loss=cfg.train.tag_loss,
+            queue_size=cfg.train.queue_size,
+            pos_weight=pos_weight,
+            neg_weight=neg_weight,
+        )
+        self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length)
+
+    def step(self, model, batch) -> dict[str, torch.Tensor]:
+        return model(batch)
+
+    def evaluate(self, objective, epoch: int) -> dict[str, float]:
+        from torch.utils.data import DataLoader
+
+        from pretrain.evaluate import collect_outputs, compute_metrics
+
+        model = objective.model
+        device = next(model.parameters()).device
+        loader = DataLoader(
+            self.val_dataset, batch_size=self.cfg.train.batch_size, collate_fn=self.collate_fn
+        )
+        self.last_outputs = collect_outputs(model, loader, device, self.cfg.eval.max_cases)
+        return compute_metrics(self.last_outputs, self.vocab.names, self.organ_label_ids)
+
+
+def export(task: PretrainTask, objective, output_dir: Path) -> None:
+    """``encoder.safetensors`` + ``encoder.json`` (what stage 2 loads), text side, attention overlays."""
+    from safetensors.torch import save_file
+
+    from mosmos.io import atomic_path
+    from pretrain.metrics import save_attention_overlays
+
+    cfg, model = task.cfg, objective.model
+    tensors = {
+        f"encoder.{k}": v.detach().cpu().contiguous() for k, v in model.image_encoder.state_dict().items()
+    }
+    tensors.update(
+        {
+            f"tag_attention.{k}": v.detach().cpu().contiguous()
+            for k, v in model.tag_attention_state_dict().items()
+        }
+    )
+    with atomic_path(output_dir / "encoder.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "mosmos-encoder-v1"})
+    write_json(
+        output_dir / "encoder.json",
+        {
+            "format": "mosmos-encoder-v1",
+            "architecture": cfg.model.image_encoder,
+            "encoder_kwargs": model.image_encoder.encoder_config(),
+            "feature_channels": list(model.image_encoder.feature_channels),
+            "feature_strides": list(model.image_encoder.feature_strides),
+            "preprocess": {
+                "spacing": list(cfg.data.spacing),
+                "size": list(cfg.data.size),
+                "hu_window": list(cfg.data.hu_window),
+                "body_threshold_hu": cfg.data.body_threshold_hu,
+                "orientation": "RAS",
+            },
+            "organs": task.vocab.names,
+            "tag_attention": model.tag_attention_config(),
+            "objective": {
+                "contrastive_weight": cfg.train.contrastive_weight,
+                "tag_weight": cfg.train.tag_weight,
+                "shuffle_reports": cfg.data.shuffle_reports,
+            },
+        },
+    )
+    if model.text_encoder is not None:
+        model.text_encoder.model.save_pretrained(str(output_dir / "text"), safe_serialization=True)
+    outputs = getattr(task, "last_outputs", None)
+    if outputs is not None and cfg.eval.attention_overlays > 0:
+        for i in range(min(cfg.eval.attention_overlays, len(outputs["image"]))):
+            save_attention_overlays(
+                outputs["image"][i],
+                outputs["attn_maps"][i],
+                task.vocab.names,
+                output_dir / "attention",
+                f"val{i:02d}",
+            )
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Train stage 1 as configured; returns the final validation metrics."""
+    from accelerate.utils import set_seed
+
+    from mosmos.engine import Engine
+
+    output_dir = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    engine_probe = Engine.make_accelerator(cfg.train, output_dir)
+    if engine_probe.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "config.yaml", dump_config(cfg))
+        write_json(output_dir / "versions.json", library_versions())
+    task = PretrainTask(cfg, engine_probe)
+    engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=engine_probe)
+    history = engine.fit()
+    if engine_probe.is_main_process and not engine.interrupted:
+        export(task, engine_probe.unwrap_model(engine.model), output_dir)
+        final = history[-1] if history else {}
+        print(f"stage 1 finished: {output_dir}/encoder.safetensors")
+        for key in (
+            "i2t_R@1",
+            "t2i_R@1",
+            "tag_mAP",
+            "tag_abnormal_AUROC",
+            "pointing_game",
+            "attention_border_fraction",
+        ):
+            if key in final:
+                print(f"  {key:28s} {final[key]:.3f}")
+        return final
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description="MOSMOS stage 1 pretraining")
+    parser.add_argument("--config", required=True, help="YAML config (see configs/pretrain/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    args = parser.parse_args(argv)
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    np.set_printoptions(precision=3)
+    run(cfg)
+    return 0
