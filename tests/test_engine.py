@@ -72,7 +72,7 @@ def _run(tmp, kill_at=None, **overrides):
 
 
 def test_engine_learns_and_writes_metrics(tmp_path):
-    task, history = _run(tmp_path)
+    _, history = _run(tmp_path)
     assert history[-1]["mse"] < 0.2 * history[0]["mse"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["final"]["step"] == 48  # 64 cases / batch 8 = 8 steps x 6 epochs
@@ -114,5 +114,5 @@ def test_non_finite_losses_abort_with_checkpoint(tmp_path):
 
 
 def test_config_ranges():
-    with pytest.raises(ConfigError, match="train.lr"):
+    with pytest.raises(ConfigError, match=r"train\.lr"):
         TrainConfig(lr=-1.0).validate()
