@@ -32,17 +32,11 @@ def _synth(sub) -> None:
 
 
 def _tags(sub) -> None:
+    from pretrain import tags_cli  # light: the parser and table reader, no models
+
     p = sub.add_parser("tags", help="parse a report table into organ tags and print per-organ frequencies")
-
-    def run(args):
-        from pretrain import tags_cli
-
-        return tags_cli.run(args)
-
-    from pretrain import tags_cli
-
     tags_cli.add_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=tags_cli.run)
 
 
 def _pretrain(sub) -> None:
