@@ -1,0 +1,107 @@
+"""Stage 1 end to end on tiny phantoms: outputs, a local HF text encoder, kill-and-resume equality."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mosmos.config import load_config
+from pretrain.config import PretrainConfig
+from pretrain.train import run
+from tests.conftest import REPO, tiny_pretrain_overrides
+
+DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+
+
+def _cfg(data, run_dir, **extra):
+    return load_config(PretrainConfig, DEMO, tiny_pretrain_overrides(data, run_dir, **extra))
+
+
+def test_pretrain_writes_encoder_metrics_and_overlays(tiny_synth, tmp_path):
+    final = run(_cfg(tiny_synth, tmp_path / "run"))
+    out = tmp_path / "run"
+    for name in ("encoder.safetensors", "encoder.json", "metrics.json", "config.yaml", "versions.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "encoder.json").read_text())
+    assert meta["architecture"] == "rescnn3d" and len(meta["organs"]) == 11
+    assert meta["preprocess"]["spacing"] == [10.0, 10.0, 14.0]
+    weights = load_file(out / "encoder.safetensors")
+    assert any(k.startswith("encoder.") for k in weights) and any(
+        k.startswith("tag_attention.") for k in weights
+    )
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(history) == 3  # one evaluation per epoch
+    for key in ("i2t_R@1", "t2i_R@5", "tag_mAP", "tag_AUROC", "pointing_game", "attention_border_fraction"):
+        assert key in final, key
+    assert list((out / "attention").glob("*.png"))
+    assert (out / "text" / "tokenizer.json").is_file()
+
+
+def test_local_huggingface_text_encoder(tiny_synth, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from pretrain.text import train_wordpiece_tokenizer
+
+    hf_dir = tmp_path / "tiny-bert"
+    tok = train_wordpiece_tokenizer(["the liver is normal", "no focal hepatic lesion"] * 5, vocab_size=120)
+    tok.save_pretrained(hf_dir)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=48,
+        )
+    ).save_pretrained(hf_dir)
+    final = run(_cfg(tiny_synth, tmp_path / "run", **{"model.text_encoder": str(hf_dir), "train.epochs": 1}))
+    assert "i2t_R@1" in final
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "encoder.safetensors")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_killed_run_resumes_to_identical_weights(tiny_synth, tmp_path):
+    """SIGKILL a real `python -m pretrain` after its first checkpoint; resume=latest must end where an
+    uninterrupted run ends, bit for bit (CPU, deterministic)."""
+    args = tiny_pretrain_overrides(tiny_synth, tmp_path / "killed", **{"train.epochs": 4})
+    cmd = [sys.executable, "-m", "pretrain", "--config", str(DEMO), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.startswith("step_") for p in ckpts.glob("step_*")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "encoder.safetensors").exists(), "the run finished before it was killed"
+    subprocess.run([*cmd, "train.resume=latest"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--config",
+            str(DEMO),
+            *tiny_pretrain_overrides(tiny_synth, tmp_path / "full", **{"train.epochs": 4}),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    a, b = _weights(tmp_path / "killed"), _weights(tmp_path / "full")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
