@@ -172,7 +172,11 @@ class Engine:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
+        # Under `accelerate launch --multi_gpu` on a machine without CUDA, Accelerate only forms a
+        # (gloo) process group when asked for the CPU explicitly; otherwise each process runs alone.
+        distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         return Accelerator(
+            cpu=distributed_cpu,
             gradient_accumulation_steps=cfg.grad_accum,
             mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
             log_with="tensorboard",
@@ -403,7 +407,9 @@ class Engine:
             return self.history
         if not self.history or self.history[-1]["step"] != self.global_step:
             self._evaluate()
-        self.save_checkpoint()
+        latest = list_checkpoints(self.output_dir)
+        if not latest or latest[0].name != f"{CHECKPOINT_PREFIX}{self.global_step:08d}":
+            self.save_checkpoint()
         acc.print(f"done: {self.global_step} steps in {time.time() - t0:.0f}s")
         acc.end_training()
         return self.history

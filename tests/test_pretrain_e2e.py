@@ -105,3 +105,36 @@ def test_killed_run_resumes_to_identical_weights(tiny_synth, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_two_process_launch_forms_one_group(tiny_synth, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m pretrain` on CPU: one gloo group, half the steps."""
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29561",
+        "-m",
+        "pretrain",
+        "--config",
+        str(DEMO),
+        *tiny_pretrain_overrides(tiny_synth, out, **{"train.epochs": 2}),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert (ckpt / "random_states_1.pkl").is_file()  # both ranks saved their state
+    # 18 training cases, 4 per process and step: 2 steps per epoch with 2 processes (4 with one)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 4
+    assert "i2t_R@1" in json.loads((out / "metrics.json").read_text())["final"]
