@@ -161,6 +161,10 @@ def test_ground_truth_matches_images_and_reports(data, findings, reports):
         "pancreatic_atrophy": "atroph",
         "gallstones": "stone|cholelithiasis",
         "aortic_aneurysm": "aneurysm",
+        "gastric_wall_thickening": "thickening|gastric mass",
+        "duodenal_diverticulum": "diverticulum",
+        "ivc_thrombus": "thromb",
+        "bladder_stone": "calcul|stone",
     }
     for rec in findings.values():
         lab, _ = _load(out / "pretrain/ground_truth/labels" / rec["volume"])
@@ -184,6 +188,7 @@ _ABSENT = re.compile(r"absent|not seen|removed|status post|ectomy\b")
 _NEGATED = re.compile(r"\b(no|not|without)\b")
 _FINDING = re.compile(
     r"lesion|cyst|steatosis|fatty|hypoattenuat|enlarged|megaly|atroph|stone|lithiasis|aneurysm"
+    r"|thicken|mass|diverticul|thromb|calcul|filling defect"
 )
 _CATCH_ALL = re.compile(r"\b(remaining|otherwise|other)\b")
 
@@ -266,34 +271,66 @@ def test_every_finding_occurs_and_is_absent_in_a_modest_sample(findings):
         assert 0 < hits < n, (code, hits)
     for code in set(RESECTIONS.values()):
         assert any(code in e["findings"] for rec in findings.values() for e in rec["organs"].values()), code
-    for organ in ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "gallbladder", "aorta"):
+    # Every organ's abnormality tag has both classes, or its pixel-tag query gets no signal.
+    for organ in PHANTOM_ORGANS:
         tags = [findings_to_tags(rec)[organ][1] for rec in findings.values()]
         assert tags.count(1) >= 3 and tags.count(0) >= 3, organ
     cuts = {rec["fov_cut"] for rec in findings.values()}
     assert cuts == {"none", "top", "bottom"}
 
 
-def test_focal_lesions_stand_out_from_noise(data, findings):
-    out, _ = data
-    measured = 0
+def _lesion_contrasts(
+    out: Path, findings: dict, kinds: set[str], core_extent: float = 0.6
+) -> list[tuple[str, float, float]]:
+    """(kind, |core - surroundings| HU, noise sigma) of each measurable lesion of ``kinds``.
+
+    The core is the organ's voxels within ``core_extent`` of the lesion's (ellipsoidal) extent,
+    the surroundings its voxels between 1.3 and 2.5 extents away from every lesion of the case.
+    """
+    measured = []
     for rec in findings.values():
-        lesions = [les for les in rec["lesions"] if les["finding"] in ("liver_lesion", "renal_cyst")]
+        lesions = [les for les in rec["lesions"] if les["finding"] in kinds]
         if not lesions:
             continue
         image, affine = _load(out / "pretrain/images" / rec["volume"])
         lab, _ = _load(out / "pretrain/ground_truth/labels" / rec["volume"])
         ijk = np.indices(image.shape).reshape(3, -1)
         xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).T.reshape(*image.shape, 3)
-        dist = [np.linalg.norm(xyz - np.array(les["center_mm"]), axis=-1) for les in lesions]
-        near = np.any([d < 1.3 * les["radius_mm"] for d, les in zip(dist, lesions, strict=True)], axis=0)
+        semis = [np.array(les.get("semi_mm", [les["radius_mm"]] * 3)) for les in lesions]
+        dist = [
+            np.linalg.norm((xyz - np.array(les["center_mm"])) / semi, axis=-1)
+            for les, semi in zip(lesions, semis, strict=True)
+        ]
+        near = np.any([d < 1.3 for d in dist], axis=0)
         for d, les in zip(dist, lesions, strict=True):
             organ = lab == PHANTOM_ORGANS.index(les["organ"]) + 1
-            core, ring = organ & (d < 0.6 * les["radius_mm"]), organ & ~near & (d < 2.5 * les["radius_mm"])
+            core, ring = organ & (d < core_extent), organ & ~near & (d < 2.5)
             if core.sum() >= 2 and ring.sum() >= 5:
-                contrast = abs(image[core].mean() - image[ring].mean())
-                assert contrast > 3 * rec["noise_sigma"], (rec["case_id"], les, contrast)
-                measured += 1
-    assert measured >= 10
+                contrast = abs(float(image[core].mean()) - float(image[ring].mean()))
+                measured.append((les["finding"], contrast, rec["noise_sigma"]))
+    return measured
+
+
+def test_focal_lesions_stand_out_from_noise(data, findings):
+    measured = _lesion_contrasts(data[0], findings, {"liver_lesion", "renal_cyst"})
+    assert len(measured) >= 10
+    for kind, contrast, sigma in measured:
+        assert contrast > 3 * sigma, (kind, contrast, sigma)
+
+
+def test_hollow_organ_and_caval_lesions_stand_out_from_noise(data, findings):
+    kinds = {"gastric_wall_thickening", "duodenal_diverticulum", "ivc_thrombus", "bladder_stone"}
+    # A wider core than for the liver lesions: a 1.6 cm stone is two voxels across at 9 mm.
+    measured = _lesion_contrasts(data[0], findings, kinds, core_extent=0.8)
+    for kind in kinds:  # each kind measured several times, even at this coarse test spacing
+        assert sum(k == kind for k, _, _ in measured) >= 3, kind
+    for kind, contrast, sigma in measured:
+        assert contrast > 3 * sigma, (kind, contrast, sigma)
+    # Several voxels each, even at up to 9 x 9 x 10 mm voxels.
+    for rec in findings.values():
+        for les in rec["lesions"]:
+            if les["finding"] in kinds - {"bladder_stone"}:
+                assert les["voxels"] >= 4, (rec["case_id"], les)
 
 
 def test_cli_help_and_run(tmp_path, capsys):
@@ -310,7 +347,11 @@ def test_cli_help_and_run(tmp_path, capsys):
     assert "Dataset011_AbdomenA" in printed and "reports.csv" in printed
     summary = json.loads((tmp_path / "d" / "synth.json").read_text())
     assert summary["counts"]["pretrain"] == 2 and summary["shape"] == [24, 24, 16]
-    assert (tmp_path / "d" / "README.txt").is_file()
+    for code, organs in FINDING_ORGANS.items():
+        assert all(code in summary["findings"][o] for o in organs), code
+    readme = (tmp_path / "d" / "README.txt").read_text()
+    assert "ivc_thrombus" in readme and "urinary_bladder: present" in readme
+    assert parser.parse_args(["--out", "x"]).pretrain_cases == 600
     assert run(args) == 0  # an earlier synth output is replaced, not refused
 
 

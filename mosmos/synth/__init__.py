@@ -3,7 +3,8 @@
 ``synthesize(out_dir)`` writes, deterministically for a given seed::
 
     out_dir/
-      synth.json, README.txt                 what was generated (seed, counts, shape, organs, tags)
+      synth.json, README.txt                 what was generated (seed, counts, shape, organs, finding
+                                             codes, per-organ tag class counts)
       pretrain/images/train_0001.nii.gz      int16 HU volumes, varied spacing and orientation
       pretrain/reports.csv                   VolumeName, Findings_EN, Impressions_EN (CT-RATE columns)
       pretrain/ground_truth/findings.json    per case and organ: status, findings, geometry, report meta
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from mosmos.errors import MosmosError
 from mosmos.synth.anatomy import PHANTOM_ORGANS
 from mosmos.synth.datasets import PRETRAIN_SPLIT, SEG_DATASETS, TEST_DATASET, SegDataset
+from mosmos.synth.pathology import FINDING_ORGANS, RESECTIONS
 from mosmos.synth.phantom import CaseSpec, make_case
 from mosmos.synth.reports import findings_to_tags
 from mosmos.synth.writer import dataset_json, write_json, write_nifti, write_reports
@@ -99,7 +101,7 @@ def _write_seg(out: Path, ds: SegDataset, seed: int, n: int, shape: tuple, bar: 
 def synthesize(
     out_dir: str | Path,
     seed: int = 0,
-    pretrain_cases: int = 400,
+    pretrain_cases: int = 600,
     seg_cases: int = 20,
     test_cases: int = 12,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
@@ -178,6 +180,11 @@ def synthesize(
             "seg_ground_truth": "seg_ground_truth.json",
         },
         "datasets": {ds.folder: {"background": 0, **ds.labels} for ds in datasets},
+        "findings": {
+            organ: [code for code, organs in FINDING_ORGANS.items() if organ in organs]
+            + ([RESECTIONS[organ]] if organ in RESECTIONS else [])
+            for organ in PHANTOM_ORGANS
+        },
         "tag_counts": _tag_counts(list(records.values())),
         "finding_counts": dict(
             sorted(
@@ -209,6 +216,19 @@ def _readme(summary: dict) -> str:
     ]
     for folder, labels in summary["datasets"].items():
         lines.append(f"  {folder}: {labels}")
+    lines.append(
+        "Finding codes per organ (findings.json, seg_ground_truth.json; resections make an organ absent):"
+    )
+    for organ, codes in summary["findings"].items():
+        lines.append(f"  {organ}: {', '.join(codes)}")
+    lines.append(
+        "Report tags of the pretraining cases (counts of 1 / 0 / -1), as findings_to_tags derives them:"
+    )
+    for organ, tags in summary["tag_counts"].items():
+        present, abnormal = (
+            "/".join(str(tags[k][v]) for v in ("1", "0", "-1")) for k in ("present", "abnormal")
+        )
+        lines.append(f"  {organ}: present {present}, abnormal {abnormal}")
     lines += [
         "seg_ground_truth.json: findings of the segmentation and test cases.",
         "synth.json: this summary, machine-readable.",

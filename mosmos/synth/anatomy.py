@@ -56,7 +56,7 @@ SPLEEN_ANCHOR = np.array([-100.0, -70.0, 112.0])
 
 @dataclass
 class Lesion:
-    """A focal finding: a sphere in anatomical mm, painted with ``hu`` inside its organ's label."""
+    """A focal finding: a sphere or axis-aligned ellipsoid (mm), painted with ``hu`` in its organ's label."""
 
     kind: str
     organ: str
@@ -64,6 +64,12 @@ class Lesion:
     radius: float
     hu: float | None  # None: changes geometry only (aneurysm), nothing to paint
     info: dict = field(default_factory=dict)  # what a report says about it (size, location)
+    semi: np.ndarray | None = None  # ellipsoid semi-axes (mm, x y z); None: a sphere of ``radius``
+    intraluminal: bool = False  # inside the organ's lumen (stone, thrombus): never grows the label
+
+    def shape(self) -> Ellipsoid:
+        semi = np.full(3, float(self.radius)) if self.semi is None else np.asarray(self.semi, dtype=float)
+        return Ellipsoid(np.asarray(self.center, dtype=float), semi, np.eye(3))
 
 
 @dataclass
@@ -260,8 +266,8 @@ def organ_shapes(anat: Anatomy, organ: str) -> list[Shape]:
     """An organ's shapes including its lesions (labels cover lesions, as in real datasets)."""
     shapes = list(anat.organs[organ])
     for lesion in anat.lesions:
-        if lesion.organ == organ and lesion.hu is not None and lesion.kind != "gallstones":
-            shapes.append(ball(lesion.center, lesion.radius))
+        if lesion.organ == organ and lesion.hu is not None and not lesion.intraluminal:
+            shapes.append(lesion.shape())
     return shapes
 
 
@@ -292,9 +298,7 @@ def render(anat: Anatomy, smp: Sampler) -> Rendered:
     _organ_detail(anat, smp, labels, hu)
     lesion_masks = []
     for lesion in anat.lesions:
-        region = smp.mask([ball(lesion.center, lesion.radius)]) & (
-            labels == PHANTOM_ORGANS.index(lesion.organ) + 1
-        )
+        region = smp.mask([lesion.shape()]) & (labels == PHANTOM_ORGANS.index(lesion.organ) + 1)
         if lesion.hu is not None:
             hu[region] = lesion.hu
         lesion_masks.append(region)

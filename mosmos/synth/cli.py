@@ -21,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrain-cases",
         type=int,
-        default=400,
+        default=600,
         metavar="N",
-        help="image-report pairs for pretraining (default: 400)",
+        help="image-report pairs for pretraining (default: 600)",
     )
     parser.add_argument(
         "--seg-cases",

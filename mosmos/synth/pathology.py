@@ -3,7 +3,9 @@
 Findings are drawn from their own random stream, independently of the field of view, the
 orientation and the spacing, so an abnormality tag can only be learned from the organ itself.
 Every finding is made clearly visible: focal lesions differ from their organ by at least 45 HU
-(three times the largest noise level) and span several voxels.
+(three times the largest noise level) and span several voxels. Every organ has a finding, so no
+organ's abnormality tag is constant: the hollow organs and the IVC get a gastric mass, a gas-filled
+duodenal diverticulum, a caval thrombus and bladder stones.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mosmos.synth.anatomy import LIVER_ANCHOR, SPLEEN_ANCHOR, Anatomy, Lesion
-from mosmos.synth.geometry import Ellipsoid, VTube
+from mosmos.synth.anatomy import LIVER_ANCHOR, PRIORITY, SPLEEN_ANCHOR, Anatomy, Lesion
+from mosmos.synth.geometry import Ellipsoid, Tube, VTube
 
 #: Abnormal finding codes and the organs they can affect.
 FINDING_ORGANS: dict[str, tuple[str, ...]] = {
@@ -25,6 +27,10 @@ FINDING_ORGANS: dict[str, tuple[str, ...]] = {
     "pancreatic_atrophy": ("pancreas",),
     "gallstones": ("gallbladder",),
     "aortic_aneurysm": ("aorta",),
+    "gastric_wall_thickening": ("stomach",),
+    "duodenal_diverticulum": ("duodenum",),
+    "ivc_thrombus": ("inferior_vena_cava",),
+    "bladder_stone": ("urinary_bladder",),
 }
 
 #: Probability of each finding per organ it can affect (pretraining and segmentation cases).
@@ -37,6 +43,10 @@ PREVALENCE: dict[str, float] = {
     "pancreatic_atrophy": 0.28,
     "gallstones": 0.28,
     "aortic_aneurysm": 0.28,
+    "gastric_wall_thickening": 0.28,
+    "duodenal_diverticulum": 0.28,
+    "ivc_thrombus": 0.28,
+    "bladder_stone": 0.28,
 }
 
 #: Surgical absence: organ -> finding code written to findings.json.
@@ -49,7 +59,16 @@ RESECTIONS: dict[str, str] = {
 RESECTION_RATE = 0.12
 
 # Findings shown as focal lesions; they are only reported when the lesion lies in the scan.
-FOCAL = {"liver_lesion", "renal_cyst", "gallstones", "aortic_aneurysm"}
+FOCAL = {
+    "liver_lesion",
+    "renal_cyst",
+    "gallstones",
+    "aortic_aneurysm",
+    "gastric_wall_thickening",
+    "duodenal_diverticulum",
+    "ivc_thrombus",
+    "bladder_stone",
+}
 
 
 @dataclass
@@ -131,26 +150,134 @@ def apply_conditions(anat: Anatomy, cond: Conditions, rng: np.random.Generator, 
         ]
         anat.hu["pancreas"] -= rng.uniform(10, 20)  # fatty replacement accompanies atrophy
     if "gallstones" in cond.findings.get("gallbladder", []):
-        _add_gallstones(anat, rng, coarse)
+        _add_stones(anat, rng, "gallstones", "gallbladder", (5, 8), 0.75 * coarse, 0.8, (0.0, -0.25, -0.3))
     if "aortic_aneurysm" in cond.findings.get("aorta", []):
         _add_aneurysm(anat, rng)
+    if "gastric_wall_thickening" in cond.findings.get("stomach", []):
+        _add_gastric_mass(anat, rng, in_plane)
+    if "duodenal_diverticulum" in cond.findings.get("duodenum", []):
+        _add_diverticulum(anat, rng, in_plane)
+    if "ivc_thrombus" in cond.findings.get("inferior_vena_cava", []):
+        _add_thrombus(anat, rng, coarse)
+    if "bladder_stone" in cond.findings.get("urinary_bladder", []):
+        # Bladder stones lie on the dependent (posterior) wall of a supine patient.
+        _add_stones(
+            anat, rng, "bladder_stone", "urinary_bladder", (8, 12), 0.8 * coarse, 0.5, (0.0, -0.35, -0.1)
+        )
     if "gallbladder" in cond.absent:
         gb = anat.organs["gallbladder"][0]
         anat.clips.append((gb.point(np.array([0.0, 0.0, 0.8])), 0.7 * coarse))
 
 
-def _add_gallstones(anat: Anatomy, rng: np.random.Generator, coarse: float) -> None:
-    gb: Ellipsoid = anat.organs["gallbladder"][0]
+def _add_stones(
+    anat: Anatomy,
+    rng: np.random.Generator,
+    kind: str,
+    organ: str,
+    radius_mm: tuple[float, float],
+    min_radius: float,
+    max_fill: float,
+    dependent: tuple[float, float, float],
+) -> None:
+    """One to three dense stones in the lumen of a fluid-filled ellipsoid, settled toward ``dependent``.
+
+    The radius is drawn from ``radius_mm``, floored at ``min_radius`` (so a stone covers voxels at
+    coarse spacing) and capped at ``max_fill`` of the organ's smallest semi-axis.
+    """
+    sac: Ellipsoid = anat.organs[organ][0]
     n = int(rng.integers(1, 4))
     for _ in range(n):
-        radius = min(max(rng.uniform(5, 8), 0.75 * coarse), 0.8 * float(gb.semi.min()))
-        room = np.maximum(gb.semi - radius, 1.0) / gb.semi
-        # Stones settle in the dependent (posterior, fundal) part of the lumen.
-        u = _unit_ball(rng, 0.0, 0.6) * room + np.array([0.0, -0.25, -0.3]) * room
+        radius = min(max(rng.uniform(*radius_mm), min_radius), max_fill * float(sac.semi.min()))
+        room = np.maximum(sac.semi - radius, 1.0) / sac.semi
+        u = _unit_ball(rng, 0.0, 0.6) * room + np.array(dependent) * room
         info = {"size_cm": round(2 * radius / 10, 1)}
         anat.lesions.append(
-            Lesion("gallstones", "gallbladder", gb.point(u), radius, rng.uniform(400, 800), info)
+            Lesion(kind, organ, sac.point(u), radius, rng.uniform(400, 800), info, intraluminal=True)
         )
+
+
+# Probe points of a ball, in radii: its centre and six points on its axes, well inside.
+_PROBES = np.vstack([np.zeros(3), np.eye(3), -np.eye(3)]) * 0.7
+CANDIDATES = 4  # placements drawn per wall lesion; the least hidden one is kept
+
+
+def _least_hidden(anat: Anatomy, organ: str, centers: list[np.ndarray], radius: float) -> np.ndarray:
+    """The candidate centre whose ball the organs ahead of ``organ`` in the labels cover least.
+
+    A wall lesion can grow its organ's label only where no higher-priority organ is (an enlarged
+    spleen swallows much of the fundus), so of a few random placements the most visible one wins.
+    """
+    ahead = [o for o in PRIORITY[: PRIORITY.index(organ)] if o not in anat.absent]
+
+    def hidden(center: np.ndarray) -> int:
+        pts = center + radius * _PROBES
+        q = (pts[:, 0], pts[:, 1], pts[:, 2])
+        covered = np.zeros(len(pts), dtype=bool)
+        for other in ahead:
+            for shape in anat.organs[other]:
+                covered |= shape.inside(q)
+        return int(covered.sum())
+
+    return min(centers, key=hidden)
+
+
+def _add_gastric_mass(anat: Anatomy, rng: np.random.Generator, in_plane: float) -> None:
+    """Focal wall thickening: a soft-tissue mass on the fundal wall, filling part of the lumen.
+
+    It enhances 50-62 HU above the gastric fluid it displaces (and far above the gas), so it stands
+    out from the lumen whatever the noise; the part bulging outward stays in the stomach label.
+    """
+    fundus: Ellipsoid = anat.organs["stomach"][0]
+    radius = max(rng.uniform(13, 18), 2.0 * in_plane)
+    centers = []
+    for _ in range(CANDIDATES):
+        # Mostly toward the anterior and medial wall, away from the spleen and left kidney.
+        v = rng.normal(size=3) + np.array([1.0, 1.5, 0.0])
+        centers.append(fundus.point(v / np.linalg.norm(v) * rng.uniform(0.55, 0.7)))
+    center = _least_hidden(anat, "stomach", centers, radius)
+    hu = anat.hu["gastric_fluid"] + rng.uniform(50, 62)
+    info = {"size_cm": round(2 * radius / 10, 1)}
+    anat.lesions.append(Lesion("gastric_wall_thickening", "stomach", center, radius, hu, info))
+
+
+def _add_diverticulum(anat: Anatomy, rng: np.random.Generator, in_plane: float) -> None:
+    """A gas-filled outpouching of the second or third part of the duodenum.
+
+    It points mostly forward and down, away from the IVC and right kidney behind the duodenum;
+    its centre sits just outside the tube so neck and sac join the lumen.
+    """
+    tube: Tube = anat.organs["duodenum"][0]
+    radius = max(rng.uniform(12, 16), 1.6 * in_plane)
+    centers = []
+    for _ in range(CANDIDATES):
+        k = int(rng.integers(3, 5))  # segments from the descending part round to the horizontal part
+        a, b = tube.points[k], tube.points[k + 1]
+        t = rng.uniform(0.2, 0.8)
+        r_tube = float(tube.radii[k] + t * (tube.radii[k + 1] - tube.radii[k]))
+        axis = (b - a) / np.linalg.norm(b - a)
+        v = rng.normal(size=3) + np.array([0.0, 1.5, -0.5])
+        v -= v.dot(axis) * axis
+        centers.append(a + t * (b - a) + v / np.linalg.norm(v) * (r_tube + 0.35 * radius))
+    center = _least_hidden(anat, "duodenum", centers, radius)
+    info = {"size_cm": round(2 * radius / 10, 1)}
+    anat.lesions.append(
+        Lesion("duodenal_diverticulum", "duodenum", center, radius, rng.uniform(-850, -650), info)
+    )
+
+
+def _add_thrombus(anat: Anatomy, rng: np.random.Generator, coarse: float) -> None:
+    """A bland thrombus: a 20-40 HU filling defect in the contrast-filled IVC over several slices."""
+    tube: VTube = anat.organs["inferior_vena_cava"][0]
+    zc = rng.uniform(-55, 5)  # the infrarenal and renal segments
+    half = max(rng.uniform(18, 28), 2.5 * coarse)
+    radius = 0.75 * float(np.interp(zc, tube.z, tube.radii))
+    center = np.array([np.interp(zc, tube.z, tube.x), np.interp(zc, tube.z, tube.y), zc])
+    info = {"size_cm": round(2 * half / 10, 1)}
+    semi = np.array([radius, radius, half])
+    hu = rng.uniform(20, 40)
+    anat.lesions.append(
+        Lesion("ivc_thrombus", "inferior_vena_cava", center, radius, hu, info, semi=semi, intraluminal=True)
+    )
 
 
 def _add_aneurysm(anat: Anatomy, rng: np.random.Generator) -> None:

@@ -186,6 +186,7 @@ def _ground_truth(anat: Anatomy, cond: Conditions, out: Rendered, grid: Grid, fr
                 "organ": lesion.organ,
                 "center_mm": [round(float(axes[k][idx[k]].mean()), 2) for k in range(3)],  # world RAS
                 "radius_mm": round(float(lesion.radius), 2),
+                **({} if lesion.semi is None else {"semi_mm": [round(float(v), 2) for v in lesion.semi]}),
                 "voxels": len(idx[0]),
                 "hu": None if lesion.hu is None else round(float(lesion.hu), 1),
                 **lesion.info,

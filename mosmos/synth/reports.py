@@ -62,6 +62,8 @@ NORMAL: dict[str, list[str]] = {
         "The stomach is unremarkable.",
         "The stomach is normal in appearance.",
         "No gastric wall thickening.",
+        "The stomach is unremarkable without wall thickening or mass.",
+        "No gastric mass.",
     ],
     "gallbladder": [
         "The gallbladder is unremarkable.",
@@ -78,16 +80,24 @@ NORMAL: dict[str, list[str]] = {
         "The duodenum is unremarkable.",
         "No duodenal abnormality.",
         "The duodenum is normal in appearance.",
+        "No duodenal diverticulum or wall thickening.",
+        "The duodenum is normal without diverticulum.",
     ],
     "inferior_vena_cava": [
         "The inferior vena cava is patent.",
         "The IVC is unremarkable.",
         "Normal caliber of the inferior vena cava.",
+        "The IVC is patent without filling defect.",
+        "No thrombus in the inferior vena cava.",
+        "The inferior vena cava is patent without thrombus.",
     ],
     "urinary_bladder": [
         "The urinary bladder is unremarkable.",
         "The bladder is normal in appearance.",
         "No bladder wall thickening.",
+        "The urinary bladder is unremarkable without calculi.",
+        "No bladder stones.",
+        "No calculi in the urinary bladder.",
     ],
 }
 STRUCTURED_NORMAL = ["{head}: unremarkable.", "{head}: normal.", "{head}: normal in size and appearance."]
@@ -252,6 +262,54 @@ def _abnormal(organ: str, finding: str, info: dict, rng: np.random.Generator) ->
         imp = [
             f"Abdominal aortic aneurysm measuring {size} cm.",
             f"Aortic aneurysm ({size} cm); vascular referral suggested.",
+        ]
+    elif finding == "gastric_wall_thickening":
+        text = [
+            f"Focal gastric wall thickening measuring {size} cm.",
+            f"There is a {size} cm soft-tissue mass arising from the gastric wall.",
+            f"The stomach shows focal wall thickening up to {size} cm.",
+            f"Polypoid gastric mass of {size} cm in the fundus.",
+        ]
+        imp = [
+            "Focal gastric wall thickening; endoscopic correlation recommended.",
+            f"Gastric mass, {size} cm.",
+            "Gastric wall thickening, suspicious for neoplasm.",
+        ]
+    elif finding == "duodenal_diverticulum":
+        text = [
+            f"A {size} cm gas-filled duodenal diverticulum.",
+            f"There is a {size} cm diverticulum arising from the duodenum.",
+            f"Gas-containing outpouching of the duodenum, consistent with a diverticulum of {size} cm.",
+        ]
+        imp = [
+            "Duodenal diverticulum.",
+            f"Duodenal diverticulum, {size} cm.",
+            "Incidental duodenal diverticulum.",
+        ]
+    elif finding == "ivc_thrombus":
+        text = [
+            f"A low-attenuation filling defect in the inferior vena cava over {size} cm, consistent with thrombus.",
+            f"Thrombus in the IVC extending over {size} cm.",
+            f"The inferior vena cava contains a {size} cm hypodense thrombus.",
+        ]
+        imp = [
+            "IVC thrombus.",
+            "Thrombosis of the inferior vena cava.",
+            f"Inferior vena cava thrombus ({size} cm).",
+        ]
+    elif finding == "bladder_stone":
+        one = n == 1
+        text = [
+            f"A {size} cm calculus in the urinary bladder."
+            if one
+            else f"{COUNT[n]} calculi in the urinary bladder, up to {size} cm.",
+            f"Bladder stone{s} {'of' if one else 'up to'} {size} cm.",
+            f"The urinary bladder contains {COUNT[n]} dense calcul{'us' if one else 'i'}.",
+        ]
+        imp = [
+            f"Bladder calcul{'us' if one else 'i'}.",
+            f"Urinary bladder stone{s}.",
+            f"Vesical calcul{'us' if one else 'i'}, {'' if one else 'up to '}{size} cm.",
         ]
     else:
         raise ValueError(f"no report template for finding {finding!r}")
