@@ -139,8 +139,17 @@ class PixelTagAttention(nn.Module):
             attn = F.softmax(scores, dim=-1)
 
         attended = torch.einsum("bhtn,bhnd->bthd", attn, v).reshape(b, self.num_tags, self.dim)
-        attended = self.out_norm(attended)
-        logits = torch.einsum("btd,tdk->btk", attended, self.head_weight) + self.head_bias
+        # Class-specific residual attention (CSRA, Zhu & Wu, ICCV 2021): the attended feature is added
+        # to the body-average feature. The average path learns as fast as global pooling, and the
+        # attention is pulled towards the voxels whose features move the tag's logit (the organ).
+        values = v.transpose(1, 2).reshape(b, -1, self.dim)  # [B, N, dim]
+        if mask is not None:
+            weight = inside.reshape(b, -1, 1).to(values.dtype)
+            average = (values * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        else:
+            average = values.mean(1)
+        pooled = self.out_norm(average).unsqueeze(1) + self.out_norm(attended)
+        logits = torch.einsum("btd,tdk->btk", pooled, self.head_weight) + self.head_bias
         return logits, attn.mean(dim=1).view(b, self.num_tags, *spatial)
 
 

@@ -56,6 +56,10 @@ class PretrainModel:
     embed_dim: int = 128  # shared image-report embedding size
     tag_dim: int = 128  # pixel-tag attention width
     tag_queries: Literal["text", "learned"] = "text"  # initialise tag queries from organ-name embeddings
+    attention_level: int | None = None  # encoder level the pixel-tag attention reads (default: stride <= 4)
+    # Fusing deeper levels into the attention map gives every voxel global context, and the attention
+    # then parks on any voxel (the body wall, in a pilot) instead of the organ: off by default.
+    attention_fuse_levels: bool = False
     init_temperature: float = 0.07  # CLIP temperature at start (learnable)
     max_logit_scale: float = 100.0  # clamp of 1/temperature
 
@@ -64,6 +68,7 @@ class PretrainModel:
 class PretrainTrain(TrainConfig):
     contrastive_weight: float = 1.0  # weight of the image-report InfoNCE term (0 disables it)
     tag_weight: float = 1.0  # weight of the organ-tag term (0 disables it)
+    embedding_tag_weight: float = 0.5  # tags predicted from the image and report embeddings (0 disables)
     tag_loss: Literal["bce", "asl"] = "bce"  # multi-label loss
     class_balance: bool = True  # weight tag classes by training-set frequency
     queue_size: int = 0  # memory queue of past embeddings as extra negatives (0: off)
@@ -76,6 +81,8 @@ class PretrainTrain(TrainConfig):
             or self.contrastive_weight + self.tag_weight == 0
         ):
             raise ConfigError("train.contrastive_weight and train.tag_weight must be >= 0, not both 0")
+        if self.embedding_tag_weight < 0:
+            raise ConfigError(f"train.embedding_tag_weight={self.embedding_tag_weight} must be >= 0")
         if self.queue_size < 0:
             raise ConfigError(f"train.queue_size={self.queue_size} must be >= 0")
 

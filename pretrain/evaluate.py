@@ -45,6 +45,8 @@ def compute_metrics(outputs: dict, organ_names: list[str], organ_label_ids: list
         recall = retrieval_recall(outputs["image_emb"], outputs["text_emb"], ks=(1, 5, 10))
         metrics.update({k: float(v) for k, v in recall.items()})
         metrics["retrieval_chance_R@1"] = 1.0 / n
+    if outputs["tag_logits"] is None:  # contrastive-only ablation: no tag branch
+        return metrics
     logits = outputs["tag_logits"]  # [N, O, 2]: present, abnormal
     targets = outputs["tags"].long()
     names = [f"{o}/{kind}" for o in organ_names for kind in ("present", "abnormal")]

@@ -28,6 +28,9 @@ class PretrainObjective(nn.Module):
         queue_size: int = 0,
         pos_weight: torch.Tensor | None = None,
         neg_weight: torch.Tensor | None = None,
+        embedding_tag_weight: float = 0.0,
+        embed_dim: int = 0,
+        num_tags: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -35,6 +38,13 @@ class PretrainObjective(nn.Module):
         self.tag_weight = tag_weight
         self.clip_loss = ClipLoss(gather=True, queue_size=queue_size) if contrastive_weight > 0 else None
         self.tag_loss = TagLoss(kind=tag_loss) if tag_weight > 0 else None
+        # One tag classifier shared by the image and the report embedding: both must put the
+        # findings in the same directions of the joint space, which anchors the contrastive
+        # alignment early and teaches the text encoder to read negations ("no splenomegaly").
+        self.embedding_tag_weight = embedding_tag_weight
+        self.embedding_tag_head = None
+        if embedding_tag_weight > 0 and self.tag_loss is not None:
+            self.embedding_tag_head = nn.Linear(embed_dim, num_tags * 2)
         self.register_buffer("pos_weight", pos_weight, persistent=True)
         self.register_buffer("neg_weight", neg_weight, persistent=True)
 
@@ -48,7 +58,7 @@ class PretrainObjective(nn.Module):
             text_cache_keys=batch.get("report") if use_text else None,
         )
         losses: dict[str, torch.Tensor] = {}
-        total = out["tag_logits"].new_zeros(())
+        total = out["image_emb"].new_zeros(())
         if self.clip_loss is not None:
             losses["contrastive"] = self.clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"])
             total = total + self.contrastive_weight * losses["contrastive"]
@@ -60,5 +70,14 @@ class PretrainObjective(nn.Module):
                 self.neg_weight,
             )
             total = total + self.tag_weight * losses["tags"]
+        if self.embedding_tag_head is not None:
+            tags = batch["tags"].to(out["image_emb"].device)
+            shape = tags.shape
+            embeddings = [out["image_emb"], *([out["text_emb"]] if "text_emb" in out else [])]
+            losses["embedding_tags"] = sum(
+                self.tag_loss(self.embedding_tag_head(e).view(shape), tags, self.pos_weight, self.neg_weight)
+                for e in embeddings
+            ) / len(embeddings)
+            total = total + self.embedding_tag_weight * losses["embedding_tags"]
         losses["loss"] = total
         return losses

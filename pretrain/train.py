@@ -78,8 +78,10 @@ class PretrainTask:
             image_encoder,
             text_encoder,
             embed_dim=cfg.model.embed_dim,
-            num_tags=len(self.vocab),
+            num_tags=len(self.vocab) if cfg.train.tag_weight > 0 else 0,  # no tag branch: contrastive only
             tag_dim=cfg.model.tag_dim,
+            attn_level=cfg.model.attention_level,
+            fuse_levels=cfg.model.attention_fuse_levels,
             query_init=query_init,
             init_temperature=cfg.model.init_temperature,
             max_logit_scale=cfg.model.max_logit_scale,
@@ -95,6 +97,9 @@ class PretrainTask:
             queue_size=cfg.train.queue_size,
             pos_weight=pos_weight,
             neg_weight=neg_weight,
+            embedding_tag_weight=cfg.train.embedding_tag_weight,
+            embed_dim=cfg.model.embed_dim if text_encoder is not None else image_encoder.embed_dim,
+            num_tags=len(self.vocab),
         )
         self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length)
 
@@ -126,12 +131,14 @@ def export(task: PretrainTask, objective, output_dir: Path) -> None:
     tensors = {
         f"encoder.{k}": v.detach().cpu().contiguous() for k, v in model.image_encoder.state_dict().items()
     }
-    tensors.update(
-        {
-            f"tag_attention.{k}": v.detach().cpu().contiguous()
-            for k, v in model.tag_attention_state_dict().items()
-        }
-    )
+    has_tags = model.num_tags > 0
+    if has_tags:
+        tensors.update(
+            {
+                f"tag_attention.{k}": v.detach().cpu().contiguous()
+                for k, v in model.tag_attention_state_dict().items()
+            }
+        )
     with atomic_path(output_dir / "encoder.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "mosmos-encoder-v1"})
     write_json(
@@ -150,10 +157,11 @@ def export(task: PretrainTask, objective, output_dir: Path) -> None:
                 "orientation": "RAS",
             },
             "organs": task.vocab.names,
-            "tag_attention": model.tag_attention_config(),
+            "tag_attention": model.tag_attention_config() if has_tags else None,
             "objective": {
                 "contrastive_weight": cfg.train.contrastive_weight,
                 "tag_weight": cfg.train.tag_weight,
+                "embedding_tag_weight": cfg.train.embedding_tag_weight,
                 "shuffle_reports": cfg.data.shuffle_reports,
             },
         },
@@ -161,7 +169,7 @@ def export(task: PretrainTask, objective, output_dir: Path) -> None:
     if model.text_encoder is not None:
         model.text_encoder.model.save_pretrained(str(output_dir / "text"), safe_serialization=True)
     outputs = getattr(task, "last_outputs", None)
-    if outputs is not None and cfg.eval.attention_overlays > 0:
+    if outputs is not None and outputs["attn_maps"] is not None and cfg.eval.attention_overlays > 0:
         for i in range(min(cfg.eval.attention_overlays, len(outputs["image"]))):
             save_attention_overlays(
                 outputs["image"][i],

@@ -172,9 +172,10 @@ def test_attention_matches_scaled_dot_product_attention():
     q = pta.to_q(pta.query_norm(pta.queries)).expand(2, -1, -1)
     k, v = pta.to_k(tokens), pta.to_v(tokens)
     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.flatten(2))
-    want = torch.stack(
-        [pta.out_norm(attended)[:, t] @ pta.head_weight[t] + pta.head_bias[t] for t in range(3)], 1
-    )
+    inside = mask.flatten(2).transpose(1, 2).float()  # [B, N, 1]
+    average = (v * inside).sum(1) / inside.sum(1)  # CSRA's residual: the body-average feature
+    pooled = pta.out_norm(attended) + pta.out_norm(average)[:, None]
+    want = torch.stack([pooled[:, t] @ pta.head_weight[t] + pta.head_bias[t] for t in range(3)], 1)
     torch.testing.assert_close(logits, want)
     weights = torch.softmax(
         (q @ k.transpose(1, 2) / math.sqrt(8)).masked_fill(~mask.flatten(2), -math.inf), -1
