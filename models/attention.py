@@ -57,6 +57,7 @@ class PixelTagAttention(nn.Module):
         query_init: torch.Tensor | None = None,
         num_heads: int = 1,
         spatial_dims: int = 3,
+        value_dim: int | None = None,
     ) -> None:
         super().__init__()
         if feature_dim < 1:
@@ -91,6 +92,9 @@ class PixelTagAttention(nn.Module):
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
         self.embed = conv(feature_dim, dim, kernel_size=1)
         self.feature_norm = nn.LayerNorm(dim)
+        # Values may come from other (local) features than the keys: see TagAttentionHead.
+        self.value_embed = conv(value_dim, dim, kernel_size=1) if value_dim else None
+        self.value_norm = nn.LayerNorm(dim) if value_dim else None
         self.query_norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
@@ -101,7 +105,7 @@ class PixelTagAttention(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(num_tags, num_outputs))
 
     def forward(
-        self, features: torch.Tensor, mask: torch.Tensor | None = None
+        self, features: torch.Tensor, mask: torch.Tensor | None = None, values: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tag logits and pixel-tag attention maps.
 
@@ -124,6 +128,8 @@ class PixelTagAttention(nn.Module):
         tokens = self.feature_norm(self.embed(features).flatten(2).transpose(1, 2))  # [B, N, dim]
         h, d = self.num_heads, self.dim // self.num_heads
         k = self.to_k(tokens).view(b, -1, h, d).transpose(1, 2)  # [B, h, N, d]
+        if values is not None:
+            tokens = self.value_norm(self.value_embed(values).flatten(2).transpose(1, 2))
         v = self.to_v(tokens).view(b, -1, h, d).transpose(1, 2)
         q = self.to_q(self.query_norm(self.queries)).view(-1, h, d).transpose(0, 1)  # [h, T, d]
         scores = torch.einsum("htd,bhnd->bhtn", q, k) / math.sqrt(d)  # [B, h, T, N]
@@ -233,9 +239,13 @@ class TagAttentionHead(nn.Module):
         self.attn_level = attn_level
         self.fusion = None
         channels = feature_channels[attn_level]
+        value_dim = None
         if fuse_levels and attn_level < len(feature_channels) - 1:
+            # Keys see the fused, context-rich map (where is the organ?), values only the level's own
+            # features (what is there?): with fused values every voxel carries global context, and
+            # the attention parked on the body wall instead of the organ.
             self.fusion = TopDownFusion(spatial_dims, feature_channels, attn_level, dim)
-            channels = dim
+            value_dim, channels = channels, dim
         self.pixel_tag = PixelTagAttention(
             channels,
             num_tags,
@@ -244,6 +254,7 @@ class TagAttentionHead(nn.Module):
             query_init=query_init,
             num_heads=num_heads,
             spatial_dims=spatial_dims,
+            value_dim=value_dim,
         )
 
     def head_config(self) -> dict[str, Any]:
@@ -254,5 +265,6 @@ class TagAttentionHead(nn.Module):
         self, features: Sequence[torch.Tensor], mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, T, K], attn [B, T, *spatial of level attn_level])`` from the encoder's feature maps."""
-        fmap = self.fusion(features) if self.fusion is not None else features[self.attn_level]
-        return self.pixel_tag(fmap, mask)
+        if self.fusion is None:
+            return self.pixel_tag(features[self.attn_level], mask)
+        return self.pixel_tag(self.fusion(features), mask, values=features[self.attn_level])

@@ -57,9 +57,8 @@ class PretrainModel:
     tag_dim: int = 128  # pixel-tag attention width
     tag_queries: Literal["text", "learned"] = "text"  # initialise tag queries from organ-name embeddings
     attention_level: int | None = None  # encoder level the pixel-tag attention reads (default: stride <= 4)
-    # Fusing deeper levels into the attention map gives every voxel global context, and the attention
-    # then parks on any voxel (the body wall, in a pilot) instead of the organ: off by default.
-    attention_fuse_levels: bool = False
+    # fuse deeper levels into the attention keys (context to find organs); values stay local
+    attention_fuse_levels: bool = True
     init_temperature: float = 0.07  # CLIP temperature at start (learnable)
     max_logit_scale: float = 100.0  # clamp of 1/temperature
 

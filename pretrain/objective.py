@@ -75,7 +75,12 @@ class PretrainObjective(nn.Module):
             shape = tags.shape
             embeddings = [out["image_emb"], *([out["text_emb"]] if "text_emb" in out else [])]
             losses["embedding_tags"] = sum(
-                self.tag_loss(self.embedding_tag_head(e).view(shape), tags, self.pos_weight, self.neg_weight)
+                self.tag_loss(
+                    self.embedding_tag_head(e * e.shape[-1] ** 0.5).view(shape),  # unit vectors: rescale
+                    tags,
+                    self.pos_weight,
+                    self.neg_weight,
+                )
                 for e in embeddings
             ) / len(embeddings)
             total = total + self.embedding_tag_weight * losses["embedding_tags"]

@@ -62,9 +62,10 @@ def test_embedding_tags_match_an_independent_computation():
     out = objective.model(batch["image"], batch["body_mask"], batch["input_ids"], batch["attention_mask"])
     head = objective.embedding_tag_head
     loss = TagLoss()
+    scale = 8**0.5  # unit embeddings are rescaled by sqrt(dim) before the head
     want = 0.5 * (
-        loss(head(out["image_emb"]).view(4, 3, 2), batch["tags"])
-        + loss(head(out["text_emb"]).view(4, 3, 2), batch["tags"])
+        loss(head(out["image_emb"] * scale).view(4, 3, 2), batch["tags"])
+        + loss(head(out["text_emb"] * scale).view(4, 3, 2), batch["tags"])
     )
     torch.testing.assert_close(losses["embedding_tags"], want)
 
