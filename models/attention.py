@@ -146,8 +146,9 @@ class PixelTagAttention(nn.Module):
 
         attended = torch.einsum("bhtn,bhnd->bthd", attn, v).reshape(b, self.num_tags, self.dim)
         # Class-specific residual attention (CSRA, Zhu & Wu, ICCV 2021): the attended feature is added
-        # to the body-average feature. The average path learns as fast as global pooling, and the
-        # attention is pulled towards the voxels whose features move the tag's logit (the organ).
+        # to the body-average feature. The average path learns as fast as global pooling (and, over
+        # local values, measures how much of the body looks like the organ: its size); the attention
+        # path must find the voxels whose own features carry the finding.
         values = v.transpose(1, 2).reshape(b, -1, self.dim)  # [B, N, dim]
         if mask is not None:
             weight = inside.reshape(b, -1, 1).to(values.dtype)
@@ -245,7 +246,7 @@ class TagAttentionHead(nn.Module):
             # features (what is there?): with fused values every voxel carries global context, and
             # the attention parked on the body wall instead of the organ.
             self.fusion = TopDownFusion(spatial_dims, feature_channels, attn_level, dim)
-            value_dim, channels = channels, dim
+            value_dim, channels = feature_channels[0], dim
         self.pixel_tag = PixelTagAttention(
             channels,
             num_tags,
@@ -267,4 +268,13 @@ class TagAttentionHead(nn.Module):
         """``(logits [B, T, K], attn [B, T, *spatial of level attn_level])`` from the encoder's feature maps."""
         if self.fusion is None:
             return self.pixel_tag(features[self.attn_level], mask)
-        return self.pixel_tag(self.fusion(features), mask, values=features[self.attn_level])
+        keys = self.fusion(features)
+        # Values from the finest level, pooled onto the attention grid: the smallest receptive field,
+        # so that a voxel's value describes that voxel and not its neighbourhood (with wide-field
+        # values the attention parked on the spine and read the organs from there).
+        values = (
+            F.adaptive_avg_pool3d(features[0], keys.shape[2:])
+            if keys.ndim == 5
+            else F.adaptive_avg_pool2d(features[0], keys.shape[2:])
+        )
+        return self.pixel_tag(keys, mask, values=values)
