@@ -221,8 +221,13 @@ class TagAttentionHead(nn.Module):
         num_heads: int = 1,
         spatial_dims: int = 3,
         query_init: torch.Tensor | None = None,
+        value_source: str = "level0",
+        in_channels: int = 1,
+        attn_stride: int = 4,
     ) -> None:
         super().__init__()
+        if value_source not in ("level0", "patch"):
+            raise ValueError(f"value_source={value_source!r} must be 'level0' or 'patch'")
         if not 0 <= attn_level < len(feature_channels):
             raise ValueError(
                 f"attn_level={attn_level} is out of range for {len(feature_channels)} feature levels"
@@ -236,7 +241,12 @@ class TagAttentionHead(nn.Module):
             "fuse_levels": fuse_levels,
             "num_heads": num_heads,
             "spatial_dims": spatial_dims,
+            "value_source": value_source,
+            "in_channels": in_channels,
+            "attn_stride": attn_stride,
         }
+        self.value_source = value_source
+        self.patch_embed = None
         self.attn_level = attn_level
         self.fusion = None
         channels = feature_channels[attn_level]
@@ -247,6 +257,12 @@ class TagAttentionHead(nn.Module):
             # the attention parked on the body wall instead of the organ.
             self.fusion = TopDownFusion(spatial_dims, feature_channels, attn_level, dim)
             value_dim, channels = feature_channels[0], dim
+            if value_source == "patch":
+                # Values are patch embeddings of the input itself (ViT-style, no context at all): a
+                # cell's value then describes only that cell, so a finding can be read only where it is.
+                conv = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+                self.patch_embed = conv(in_channels, dim, kernel_size=attn_stride, stride=attn_stride)
+                value_dim = dim
         self.pixel_tag = PixelTagAttention(
             channels,
             num_tags,
@@ -263,12 +279,24 @@ class TagAttentionHead(nn.Module):
         return dict(self._config)
 
     def forward(
-        self, features: Sequence[torch.Tensor], mask: torch.Tensor | None = None
+        self,
+        features: Sequence[torch.Tensor],
+        mask: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, T, K], attn [B, T, *spatial of level attn_level])`` from the encoder's feature maps."""
         if self.fusion is None:
             return self.pixel_tag(features[self.attn_level], mask)
         keys = self.fusion(features)
+        if self.patch_embed is not None:
+            if image is None:
+                raise ValueError(
+                    "value_source='patch' needs the input image: call head(features, mask, image)"
+                )
+            values = self.patch_embed(image)
+            if tuple(values.shape[2:]) != tuple(keys.shape[2:]):
+                values = F.interpolate(values, size=keys.shape[2:], mode="nearest")
+            return self.pixel_tag(keys, mask, values=values)
         # Values from the finest level, pooled onto the attention grid: the smallest receptive field,
         # so that a voxel's value describes that voxel and not its neighbourhood (with wide-field
         # values the attention parked on the spine and read the organs from there).

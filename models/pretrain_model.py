@@ -52,6 +52,8 @@ class MosmosPretrainModel(nn.Module):
             attention sees semantic features at fine resolution.
         num_outputs: logits per tag (e.g. visible, abnormal).
         attn_heads: pixel-tag attention heads.
+        attn_values: where attention values come from with fused keys: "level0" (the finest encoder
+            level) or "patch" (patch embeddings of the input, no context).
 
     Example::
 
@@ -76,6 +78,7 @@ class MosmosPretrainModel(nn.Module):
         fuse_levels: bool = True,
         num_outputs: int = 2,
         attn_heads: int = 1,
+        attn_values: str = "level0",
     ) -> None:
         super().__init__()
         if not isinstance(image_encoder, ImageEncoder):
@@ -131,6 +134,9 @@ class MosmosPretrainModel(nn.Module):
                 num_heads=attn_heads,
                 spatial_dims=image_encoder.spatial_dims,
                 query_init=query_init,
+                value_source=attn_values,
+                in_channels=image_encoder.in_channels,
+                attn_stride=strides[attn_level],
             )
 
     def _image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -195,7 +201,7 @@ class MosmosPretrainModel(nn.Module):
             if input_ids is not None:
                 out["text_emb"] = self.encode_text(input_ids, attention_mask, text_cache_keys)
         if self.num_tags:
-            out["tag_logits"], out["attn_maps"] = self.tag_head(enc["features"], mask)
+            out["tag_logits"], out["attn_maps"] = self.tag_head(enc["features"], mask, image)
             out["attn_stride"] = self.attn_stride
         return out
 
@@ -211,7 +217,7 @@ class MosmosPretrainModel(nn.Module):
         outside the (resized) mask are set to 0.
         """
         head = self._require_tags()
-        _, attn = head(self.image_encoder.forward_features(image), mask)
+        _, attn = head(self.image_encoder.forward_features(image), mask, image)
         size = tuple(output_size) if output_size is not None else tuple(image.shape[2:])
         mode = {2: "bilinear", 3: "trilinear"}[attn.ndim - 2]
         maps = F.interpolate(attn, size=size, mode=mode, align_corners=False)

@@ -59,6 +59,7 @@ class PretrainModel:
     attention_level: int | None = None  # encoder level the pixel-tag attention reads (default: stride <= 4)
     # fuse deeper levels into the attention keys (context to find organs); values stay local
     attention_fuse_levels: bool = True
+    attention_values: Literal["level0", "patch"] = "level0"  # what the attention reads where it looks
     init_temperature: float = 0.07  # CLIP temperature at start (learnable)
     max_logit_scale: float = 100.0  # clamp of 1/temperature
 

@@ -82,6 +82,7 @@ class PretrainTask:
             tag_dim=cfg.model.tag_dim,
             attn_level=cfg.model.attention_level,
             fuse_levels=cfg.model.attention_fuse_levels,
+            attn_values=cfg.model.attention_values,
             query_init=query_init,
             init_temperature=cfg.model.init_temperature,
             max_logit_scale=cfg.model.max_logit_scale,

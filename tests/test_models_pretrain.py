@@ -213,9 +213,12 @@ def test_query_init_and_per_tag_heads():
 # ---------------------------------------------------------------- pretraining model
 
 
-def test_pretrain_model_shapes_and_every_gradient():
+@pytest.mark.parametrize("attn_values", ["level0", "patch"])
+def test_pretrain_model_shapes_and_every_gradient(attn_values):
     torch.manual_seed(0)
-    model = MosmosPretrainModel(tiny_encoder(), tiny_text(), embed_dim=8, num_tags=4, tag_dim=8)
+    model = MosmosPretrainModel(
+        tiny_encoder(), tiny_text(), embed_dim=8, num_tags=4, tag_dim=8, attn_values=attn_values
+    )
     image, mask, ids, am = batch()
     out = model(image, mask, input_ids=ids, attention_mask=am)
     assert out["image_emb"].shape == out["text_emb"].shape == (2, 8)
@@ -288,15 +291,18 @@ def test_swin_encoder_in_pretrain_model():
     assert model.attn_level == 1 and out["attn_maps"].shape == (2, 2, 8, 8)
 
 
-def test_tag_head_export_rebuilds_the_same_maps():
+@pytest.mark.parametrize("attn_values", ["level0", "patch"])
+def test_tag_head_export_rebuilds_the_same_maps(attn_values):
     torch.manual_seed(0)
-    model = MosmosPretrainModel(tiny_encoder(), tiny_text(), embed_dim=8, num_tags=3, tag_dim=8).eval()
+    model = MosmosPretrainModel(
+        tiny_encoder(), tiny_text(), embed_dim=8, num_tags=3, tag_dim=8, attn_values=attn_values
+    ).eval()
     image, mask, _, _ = batch()
     head = TagAttentionHead(**model.tag_attention_config())
     head.load_state_dict(model.tag_attention_state_dict())
     with torch.no_grad():
         out = model(image, mask)
-        logits, attn = head(model.image_encoder.forward_features(image), mask)
+        logits, attn = head(model.image_encoder.forward_features(image), mask, image)
     torch.testing.assert_close(logits, out["tag_logits"])
     torch.testing.assert_close(attn, out["attn_maps"])
     assert "feature_channels" in model.tag_attention_config()
