@@ -37,34 +37,49 @@ def collect_outputs(model, loader: DataLoader, device: torch.device, max_cases: 
     return {k: torch.cat(v)[:max_cases] if v else None for k, v in acc.items()}
 
 
-def compute_metrics(outputs: dict, organ_names: list[str], organ_label_ids: list[int | None] | None) -> dict:
-    """Scalar metrics for ``metrics.json`` from :func:`collect_outputs`."""
+def tag_metrics(
+    logits: torch.Tensor, tags: torch.Tensor, organ_names: list[str], prefix: str = "tag"
+) -> dict:
+    """Macro AUROC / AP of ``[N, O, 2]`` (present, abnormal) logits: per kind and over all tags."""
+    n = len(tags)
+    names = [f"{o}/{kind}" for o in organ_names for kind in ("present", "abnormal")]
+    result = tag_auroc_ap(logits.reshape(n, -1).numpy(), tags.long().reshape(n, -1).numpy(), names)
+    per_tag = result.get("per_tag", {})
+    metrics: dict[str, float] = {}
+    for field, label in (("auroc", "AUROC"), ("ap", "AP")):
+        for kind in ("present", "abnormal"):
+            vals = [v[field] for k, v in per_tag.items() if k.endswith(kind) and v.get(field) is not None]
+            if vals:
+                metrics[f"{prefix}_{kind}_{label}"] = float(np.mean(vals))
+    if result.get("mean_auroc") is not None:
+        metrics[f"{prefix}_AUROC"] = float(result["mean_auroc"])
+    if result.get("mean_ap") is not None:
+        metrics[f"{prefix}_mAP"] = float(result["mean_ap"])
+    return metrics
+
+
+def compute_metrics(
+    outputs: dict,
+    organ_names: list[str],
+    organ_label_ids: list[int | None] | None,
+    embedding_tag_logits: torch.Tensor | None = None,
+) -> dict:
+    """Scalar metrics for ``metrics.json`` from :func:`collect_outputs`.
+
+    ``tag_*`` score the pixel-tag attention's logits; ``embedding_tag_*`` (when given) the tag head
+    on the pooled image embedding.
+    """
     metrics: dict[str, float] = {}
     n = len(outputs["tags"])
     if outputs["text_emb"] is not None:
         recall = retrieval_recall(outputs["image_emb"], outputs["text_emb"], ks=(1, 5, 10))
         metrics.update({k: float(v) for k, v in recall.items()})
         metrics["retrieval_chance_R@1"] = 1.0 / n
+    if embedding_tag_logits is not None:
+        metrics.update(tag_metrics(embedding_tag_logits, outputs["tags"], organ_names, "embedding_tag"))
     if outputs["tag_logits"] is None:  # contrastive-only ablation: no tag branch
         return metrics
-    logits = outputs["tag_logits"]  # [N, O, 2]: present, abnormal
-    targets = outputs["tags"].long()
-    names = [f"{o}/{kind}" for o in organ_names for kind in ("present", "abnormal")]
-    tag_metrics = tag_auroc_ap(logits.reshape(n, -1).numpy(), targets.reshape(n, -1).numpy(), names)
-    per_tag = tag_metrics.get("per_tag", {})
-
-    def macro(kind: str, field: str) -> float | None:
-        vals = [v[field] for k, v in per_tag.items() if k.endswith(kind) and v.get(field) is not None]
-        return float(np.mean(vals)) if vals else None
-
-    for field, label in (("auroc", "AUROC"), ("ap", "AP")):
-        for kind in ("present", "abnormal"):
-            value = macro(kind, field)
-            if value is not None:
-                metrics[f"tag_{kind}_{label}"] = value
-    for key in ("mean_auroc", "mean_ap"):
-        if tag_metrics.get(key) is not None:
-            metrics["tag_AUROC" if key == "mean_auroc" else "tag_mAP"] = float(tag_metrics[key])
+    metrics.update(tag_metrics(outputs["tag_logits"], outputs["tags"], organ_names, "tag"))
     if outputs["labels"] is not None and organ_label_ids is not None:
         labels = outputs["labels"]
         valid = torch.stack(

@@ -48,6 +48,11 @@ class PretrainObjective(nn.Module):
         self.register_buffer("pos_weight", pos_weight, persistent=True)
         self.register_buffer("neg_weight", neg_weight, persistent=True)
 
+    def embedding_tag_logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``[B, T, 2]`` tag logits from unit-norm embeddings (rescaled by sqrt(dim) for the linear head)."""
+        logits = self.embedding_tag_head(embedding * embedding.shape[-1] ** 0.5)
+        return logits.view(len(embedding), -1, 2)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         use_text = self.clip_loss is not None
         out = self.model(
@@ -72,15 +77,9 @@ class PretrainObjective(nn.Module):
             total = total + self.tag_weight * losses["tags"]
         if self.embedding_tag_head is not None:
             tags = batch["tags"].to(out["image_emb"].device)
-            shape = tags.shape
             embeddings = [out["image_emb"], *([out["text_emb"]] if "text_emb" in out else [])]
             losses["embedding_tags"] = sum(
-                self.tag_loss(
-                    self.embedding_tag_head(e * e.shape[-1] ** 0.5).view(shape),  # unit vectors: rescale
-                    tags,
-                    self.pos_weight,
-                    self.neg_weight,
-                )
+                self.tag_loss(self.embedding_tag_logits(e), tags, self.pos_weight, self.neg_weight)
                 for e in embeddings
             ) / len(embeddings)
             total = total + self.embedding_tag_weight * losses["embedding_tags"]

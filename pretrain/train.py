@@ -117,8 +117,11 @@ class PretrainTask:
         loader = DataLoader(
             self.val_dataset, batch_size=self.cfg.train.batch_size, collate_fn=self.collate_fn
         )
-        self.last_outputs = collect_outputs(model, loader, device, self.cfg.eval.max_cases)
-        return compute_metrics(self.last_outputs, self.vocab.names, self.organ_label_ids)
+        self.last_outputs = outputs = collect_outputs(model, loader, device, self.cfg.eval.max_cases)
+        embedding_logits = None
+        if objective.embedding_tag_head is not None:
+            embedding_logits = objective.embedding_tag_logits(outputs["image_emb"].to(device)).cpu()
+        return compute_metrics(outputs, self.vocab.names, self.organ_label_ids, embedding_logits)
 
 
 def export(task: PretrainTask, objective, output_dir: Path) -> None:
