@@ -41,6 +41,7 @@ def tiny_pretrain_overrides(data: Path, run: Path, **extra) -> list[str]:
         "train.batch_size": "4",
         "train.warmup_steps": "2",
         "train.checkpoint_every": "4",
+        "train.eval_every": "1",
         "train.queue_size": "8",
         "train.deterministic": "true",
         "eval.attention_overlays": "1",
