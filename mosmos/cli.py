@@ -77,9 +77,15 @@ def _models(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not verbose:  # accelerate logs every file of every checkpoint at INFO
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
 def run_stage(name: str, fn, argv: list[str] | None = None) -> int:
     """Run a stage's ``main`` with mosmos' error handling (for ``python -m`` / ``accelerate launch``)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    _setup_logging()
     try:
         return int(fn(argv) or 0)
     except MosmosError as exc:
@@ -102,9 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
+    _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except MosmosError as exc:
