@@ -190,12 +190,12 @@ class MosmosPretrainModel(nn.Module):
             text_cache_keys: report identities for the frozen text encoder's cache.
 
         Returns:
-            ``image_emb [B, E]``; ``text_emb [B, E]`` and ``logit_scale`` (scalar, exponentiated and
+            ``image_emb [B, E]`` and the encoder's ``pooled`` features; ``text_emb [B, E]`` and ``logit_scale`` (scalar, exponentiated and
             clamped) when there is text; ``tag_logits [B, T, K]``, ``attn_maps [B, T, *attn_spatial]``
             and ``attn_stride`` when ``num_tags > 0``.
         """
         enc = self.image_encoder(image, mask)
-        out: dict[str, Any] = {"image_emb": self._image_embedding(enc["pooled"])}
+        out: dict[str, Any] = {"image_emb": self._image_embedding(enc["pooled"]), "pooled": enc["pooled"]}
         if self.text_encoder is not None:
             out["logit_scale"] = self.logit_scale.clamp(max=self.max_log_scale).exp()
             if input_ids is not None:

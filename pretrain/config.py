@@ -69,6 +69,7 @@ class PretrainTrain(TrainConfig):
     contrastive_weight: float = 1.0  # weight of the image-report InfoNCE term (0 disables it)
     tag_weight: float = 1.0  # weight of the organ-tag term (0 disables it)
     embedding_tag_weight: float = 0.5  # tags predicted from the image and report embeddings (0 disables)
+    pooled_tag_weight: float = 1.0  # tags predicted linearly from the encoder's pooled features (0 disables)
     tag_loss: Literal["bce", "asl"] = "bce"  # multi-label loss
     class_balance: bool = True  # weight tag classes by training-set frequency
     queue_size: int = 0  # memory queue of past embeddings as extra negatives (0: off)
@@ -81,8 +82,8 @@ class PretrainTrain(TrainConfig):
             or self.contrastive_weight + self.tag_weight == 0
         ):
             raise ConfigError("train.contrastive_weight and train.tag_weight must be >= 0, not both 0")
-        if self.embedding_tag_weight < 0:
-            raise ConfigError(f"train.embedding_tag_weight={self.embedding_tag_weight} must be >= 0")
+        if self.embedding_tag_weight < 0 or self.pooled_tag_weight < 0:
+            raise ConfigError("train.embedding_tag_weight and train.pooled_tag_weight must be >= 0")
         if self.queue_size < 0:
             raise ConfigError(f"train.queue_size={self.queue_size} must be >= 0")
 

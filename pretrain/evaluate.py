@@ -12,7 +12,7 @@ from pretrain.metrics import pointing_game, retrieval_recall, tag_auroc_ap
 @torch.no_grad()
 def collect_outputs(model, loader: DataLoader, device: torch.device, max_cases: int | None = None) -> dict:
     """Run the pretraining model over ``loader``; stack embeddings, tag logits/targets, attention, labels."""
-    keys = ("image_emb", "text_emb", "tag_logits", "attn_maps")
+    keys = ("image_emb", "text_emb", "tag_logits", "attn_maps", "pooled")
     acc: dict[str, list] = {k: [] for k in (*keys, "tags", "labels", "image", "body_mask")}
     seen = 0
     for batch in loader:
@@ -62,12 +62,12 @@ def compute_metrics(
     outputs: dict,
     organ_names: list[str],
     organ_label_ids: list[int | None] | None,
-    embedding_tag_logits: torch.Tensor | None = None,
+    extra_tag_logits: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Scalar metrics for ``metrics.json`` from :func:`collect_outputs`.
 
-    ``tag_*`` score the pixel-tag attention's logits; ``embedding_tag_*`` (when given) the tag head
-    on the pooled image embedding.
+    ``tag_*`` score the pixel-tag attention's logits; ``extra_tag_logits`` maps a metric prefix to
+    other heads' ``[N, O, 2]`` logits (the tag heads on the image embedding and pooled features).
     """
     metrics: dict[str, float] = {}
     n = len(outputs["tags"])
@@ -75,8 +75,8 @@ def compute_metrics(
         recall = retrieval_recall(outputs["image_emb"], outputs["text_emb"], ks=(1, 5, 10))
         metrics.update({k: float(v) for k, v in recall.items()})
         metrics["retrieval_chance_R@1"] = 1.0 / n
-    if embedding_tag_logits is not None:
-        metrics.update(tag_metrics(embedding_tag_logits, outputs["tags"], organ_names, "embedding_tag"))
+    for prefix, logits in (extra_tag_logits or {}).items():
+        metrics.update(tag_metrics(logits, outputs["tags"], organ_names, prefix))
     if outputs["tag_logits"] is None:  # contrastive-only ablation: no tag branch
         return metrics
     metrics.update(tag_metrics(outputs["tag_logits"], outputs["tags"], organ_names, "tag"))

@@ -31,6 +31,8 @@ class PretrainObjective(nn.Module):
         embedding_tag_weight: float = 0.0,
         embed_dim: int = 0,
         num_tags: int = 0,
+        pooled_tag_weight: float = 0.0,
+        pooled_dim: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -45,6 +47,12 @@ class PretrainObjective(nn.Module):
         self.embedding_tag_head = None
         if embedding_tag_weight > 0 and self.tag_loss is not None:
             self.embedding_tag_head = nn.Linear(embed_dim, num_tags * 2)
+        # A linear tag classifier on the encoder's pooled features (a linear probe trained jointly):
+        # it trains the encoder fastest, which the attention head and the contrastive term then use.
+        self.pooled_tag_weight = pooled_tag_weight
+        self.pooled_tag_head = None
+        if pooled_tag_weight > 0 and self.tag_loss is not None:
+            self.pooled_tag_head = nn.Linear(pooled_dim, num_tags * 2)
         self.register_buffer("pos_weight", pos_weight, persistent=True)
         self.register_buffer("neg_weight", neg_weight, persistent=True)
 
@@ -83,5 +91,10 @@ class PretrainObjective(nn.Module):
                 for e in embeddings
             ) / len(embeddings)
             total = total + self.embedding_tag_weight * losses["embedding_tags"]
+        if self.pooled_tag_head is not None:
+            tags = batch["tags"].to(out["pooled"].device)
+            logits = self.pooled_tag_head(out["pooled"]).view(tags.shape)
+            losses["pooled_tags"] = self.tag_loss(logits, tags, self.pos_weight, self.neg_weight)
+            total = total + self.pooled_tag_weight * losses["pooled_tags"]
         losses["loss"] = total
         return losses

@@ -101,6 +101,8 @@ class PretrainTask:
             embedding_tag_weight=cfg.train.embedding_tag_weight,
             embed_dim=cfg.model.embed_dim if text_encoder is not None else image_encoder.embed_dim,
             num_tags=len(self.vocab),
+            pooled_tag_weight=cfg.train.pooled_tag_weight,
+            pooled_dim=image_encoder.embed_dim,
         )
         self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length)
 
@@ -118,10 +120,13 @@ class PretrainTask:
             self.val_dataset, batch_size=self.cfg.train.batch_size, collate_fn=self.collate_fn
         )
         self.last_outputs = outputs = collect_outputs(model, loader, device, self.cfg.eval.max_cases)
-        embedding_logits = None
+        extra = {}
         if objective.embedding_tag_head is not None:
-            embedding_logits = objective.embedding_tag_logits(outputs["image_emb"].to(device)).cpu()
-        return compute_metrics(outputs, self.vocab.names, self.organ_label_ids, embedding_logits)
+            extra["embedding_tag"] = objective.embedding_tag_logits(outputs["image_emb"].to(device)).cpu()
+        if objective.pooled_tag_head is not None:
+            pooled = objective.pooled_tag_head(outputs["pooled"].to(device)).cpu()
+            extra["pooled_tag"] = pooled.view(len(pooled), -1, 2)
+        return compute_metrics(outputs, self.vocab.names, self.organ_label_ids, extra)
 
 
 def export(task: PretrainTask, objective, output_dir: Path) -> None:

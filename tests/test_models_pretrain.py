@@ -247,7 +247,7 @@ def test_tags_only_ablation_and_frozen_text():
     image, mask, ids, am = batch()
     model = MosmosPretrainModel(tiny_encoder(), None, num_tags=3, tag_dim=8)
     out = model(image, mask)
-    assert set(out) == {"image_emb", "tag_logits", "attn_maps", "attn_stride"}
+    assert set(out) == {"image_emb", "pooled", "tag_logits", "attn_maps", "attn_stride"}
     TagLoss()(out["tag_logits"], torch.ones(2, 3, 2)).backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -263,7 +263,7 @@ def test_contrastive_only_and_temperature_clamp():
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     out = model(*batch()[:1])
-    assert set(out) == {"image_emb", "logit_scale"}
+    assert set(out) == {"image_emb", "pooled", "logit_scale"}
     torch.testing.assert_close(out["logit_scale"], torch.tensor(50.0))
     with pytest.raises(ValueError, match="nothing to train"):
         MosmosPretrainModel(tiny_encoder(), None, num_tags=0)

@@ -94,3 +94,23 @@ def test_each_ablation_runs(weights):
     )
     losses = objective(_batch())
     assert torch.isfinite(losses["loss"])
+
+
+def test_pooled_tag_head_is_a_jointly_trained_linear_probe():
+    objective = PretrainObjective(
+        _model(),
+        contrastive_weight=1.0,
+        tag_weight=1.0,
+        embed_dim=8,
+        num_tags=3,
+        pooled_tag_weight=2.0,
+        pooled_dim=8,
+    )
+    batch = _batch()
+    losses = objective(batch)
+    out = objective.model(batch["image"], batch["body_mask"], batch["input_ids"], batch["attention_mask"])
+    want = TagLoss()(objective.pooled_tag_head(out["pooled"]).view(4, 3, 2), batch["tags"])
+    torch.testing.assert_close(losses["pooled_tags"], want)
+    torch.testing.assert_close(
+        losses["loss"], losses["contrastive"] + losses["tags"] + 2.0 * losses["pooled_tags"]
+    )
