@@ -78,8 +78,9 @@ class ImageEncoder(nn.Module):
         raise NotImplementedError
 
     def encoder_config(self) -> dict[str, Any]:
-        """Constructor kwargs that rebuild this encoder with its registered builder."""
-        raise NotImplementedError
+        """Constructor kwargs that rebuild this encoder with its registered builder (subclasses keep
+        them in ``self._config``)."""
+        return dict(self._config)
 
     def forward_pooled(
         self, features: Sequence[torch.Tensor], mask: torch.Tensor | None = None

@@ -134,9 +134,6 @@ class ResCNNEncoder(ImageEncoder):
             features.append(x)
         return features
 
-    def encoder_config(self) -> dict[str, Any]:
-        return dict(self._config)
-
 
 @register_model("image_encoder", "rescnn3d")
 def rescnn3d(**kwargs: Any) -> ResCNNEncoder:

@@ -129,9 +129,6 @@ class SwinViTEncoder(ImageEncoder):
         self._check_input(x, self.feature_strides[-1])
         return list(self.swin(x, normalize=True))
 
-    def encoder_config(self) -> dict[str, Any]:
-        return dict(self._config)
-
 
 @register_model("image_encoder", "swinvit3d")
 def swinvit3d(**kwargs: Any) -> SwinViTEncoder:
