@@ -68,9 +68,8 @@ class ImageReportDataset(Dataset):
         augment: overrides of the augmentation defaults.
         label_paths: optional ground-truth organ label maps, one per record, for the pointing game.
 
-    With ``train=True`` load through ``monai.data.DataLoader`` (or pass
-    ``worker_init_fn=monai.data.utils.worker_init_fn``): it calls :meth:`set_random_state` in each
-    worker, so workers draw different, reproducible augmentations.
+    With ``train=True`` each item's augmentation is seeded from (seed, epoch, index) (see
+    :meth:`set_epoch`), so draws are reproducible in any worker and after a resume.
 
     Items: ``image`` float32 ``[1, *size]`` in [0, 1], ``body_mask`` bool ``[1, *size]``, ``tags``
     int8 ``[n_organs, 2]``, ``report`` str, ``index`` int, ``case_id`` str, and with ``label_paths``

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from models import (
@@ -18,6 +17,7 @@ from models import (
     build_small_bert,
     create_image_encoder,
 )
+from pretrain.text import train_wordpiece_tokenizer
 
 torch.set_num_threads(2)
 
@@ -37,19 +37,7 @@ TINY_BERT = {
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(REPORTS, trainers.WordPieceTrainer(vocab_size=120, special_tokens=special))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+    return train_wordpiece_tokenizer(REPORTS, vocab_size=120)
 
 
 def tiny_text(pooling="mean", vocab_size=60) -> TextEncoder:
