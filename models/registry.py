@@ -13,7 +13,7 @@ Example::
         return ResCNNEncoder(spatial_dims=3, **kwargs)
 
     encoder = create_image_encoder("rescnn3d", channels=(8, 16, 32))
-    segmenter = create_model("segmenter", "unet", ...)  # once stage 2 registers it
+    segmenter = create_model("segmenter", "unet", encoder=encoder, num_classes=4)
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ __all__ = ["create_image_encoder", "create_model", "list_families", "list_models
 
 _BuilderT = TypeVar("_BuilderT", bound=Callable[..., nn.Module])
 _REGISTRY: dict[str, dict[str, Callable[..., nn.Module]]] = {}
-_BUILTIN_MODULES: dict[str, tuple[str, ...]] = {"image_encoder": ("models.encoders",)}
+_BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
+    "image_encoder": ("models.encoders",),
+    "segmenter": ("models.segmentation",),
+}
 
 
 def _load_builtin(family: str | None = None) -> None:

@@ -51,6 +51,48 @@ def _pretrain(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="stage 2: multi-organ segmentation from partially labelled datasets")
+    _add_run_arguments(p)
+
+    def run(args):
+        from finetune.train import main
+
+        return main(["--config", args.config, *args.overrides])
+
+    p.set_defaults(func=run)
+
+
+def _evaluate(sub) -> None:
+    from finetune import evaluate  # light at import: the models load inside the command
+
+    p = sub.add_parser("evaluate", help="Dice and HD95 of a trained model on a labelled dataset")
+    evaluate.add_arguments(p)
+    p.set_defaults(func=lambda args: (evaluate.run_from_args(args), 0)[1])
+
+
+def _predict(sub) -> None:
+    from finetune import predict
+
+    p = sub.add_parser("predict", help="label maps for new volumes, in each input's own geometry")
+    predict.add_arguments(p)
+    p.set_defaults(func=lambda args: (predict.run_from_args(args), 0)[1])
+
+
+def _benchmark(sub) -> None:
+    p = sub.add_parser(
+        "benchmark", help="initialisation strategy x label fraction x seed grid, with a report and tests"
+    )
+    _add_run_arguments(p)
+
+    def run(args):
+        from finetune.benchmark import main
+
+        return main(["--config", args.config, *args.overrides])
+
+    p.set_defaults(func=run)
+
+
 def _demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on generated data, on CPU (what `make demo` runs)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -100,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_synth, _tags, _pretrain, _models, _demo):
+    for register in (_synth, _tags, _pretrain, _finetune, _evaluate, _predict, _benchmark, _models, _demo):
         register(sub)
     return parser
 

@@ -117,34 +117,51 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None):
-    """AdamW groups: no decay on biases, norms, temperatures and queries; optional per-prefix lr scale."""
-    groups: dict[tuple[bool, float], list] = {}
+def parameter_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    lr_scale: dict[str, float] | None = None,
+    freeze_steps: dict[str, int] | None = None,
+):
+    """AdamW groups: no decay on biases, norms, temperatures and queries; optional per-prefix lr scale
+    and per-prefix number of initial steps during which the group's learning rate is 0 (frozen)."""
+    groups: dict[tuple[bool, float, int], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.endswith(".bias") or "logit_scale" in name
-        scale = 1.0
+        scale, frozen = 1.0, 0
         for prefix, s in (lr_scale or {}).items():
             if name.startswith(prefix):
                 scale = s
-        groups.setdefault((no_decay, scale), []).append(p)
+        for prefix, n in (freeze_steps or {}).items():
+            if name.startswith(prefix):
+                frozen = n
+        groups.setdefault((no_decay, scale, frozen), []).append(p)
     return [
-        {"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr_scale": scale}
-        for (nd, scale), ps in groups.items()
+        {"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr_scale": scale, "freeze_steps": frozen}
+        for (nd, scale, frozen), ps in groups.items()
     ]
 
 
 def _cosine_with_warmup(optimizer, warmup: int, total: int):
     # transformers' get_cosine_schedule_with_warmup does this too, but it ignores per-group scales.
-    def factor(step: int) -> float:
+    # A group frozen for its first N steps gets lr 0 there (AdamW with lr 0 leaves weights unchanged,
+    # decoupled weight decay included), then warms up and decays with the others. Freezing through the
+    # schedule rather than requires_grad keeps the optimizer and DDP set-up fixed and resume exact.
+    def factor(step: int, frozen: int) -> float:
+        if step < frozen:
+            return 0.0
         if step < warmup:
             return (step + 1) / max(1, warmup)
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, k=k: k * factor(s) for k in scales])
+    def group_lambda(group: dict) -> Callable[[int], float]:
+        scale, frozen = group.get("lr_scale", 1.0), group.get("freeze_steps", 0)
+        return lambda s: scale * factor(s, frozen)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [group_lambda(g) for g in optimizer.param_groups])
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -217,7 +234,12 @@ class Engine:
                 f"the training set has {len(self.task.train_dataset)} cases, fewer than one batch "
                 f"(train.batch_size={cfg.batch_size}); lower the batch size or add data"
             )
-        groups = parameter_groups(self.task.model, cfg.weight_decay, getattr(self.task, "lr_scale", None))
+        groups = parameter_groups(
+            self.task.model,
+            cfg.weight_decay,
+            getattr(self.task, "lr_scale", None),
+            getattr(self.task, "freeze_steps", None),
+        )
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.model, self.optimizer, self.loader = acc.prepare(self.task.model, optimizer, loader)
         self.steps_per_epoch = max(1, len(self.loader) // cfg.grad_accum)

@@ -50,6 +50,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     ShiftIntensityd,
     Spacingd,
+    SpatialPadd,
 )
 from scipy import ndimage
 
@@ -60,7 +61,7 @@ from mosmos.errors import ConfigError, DataError
 PREPROCESS_VERSION = "1"
 BODY_MASK_KEY = "body_mask"
 AIR_HU = -1000.0
-RESIZE_MODES = ("pad_crop", "resize")
+RESIZE_MODES = ("pad_crop", "resize", "pad")
 
 # Train-time augmentation knobs and their defaults (probabilities in [0, 1]).
 AUGMENT_DEFAULTS: dict[str, float] = {
@@ -97,7 +98,9 @@ class PreprocessConfig:
     body_threshold_hu: float = -500.0  # raw HU above this is body (the foreground mask)
     body_fill_holes: bool = True  # fill holes in the body mask per axial slice (lungs, bowel gas)
     crop_foreground: bool = True  # crop to the body bounding box before padding/cropping to size
-    resize_mode: Literal["pad_crop", "resize"] = "pad_crop"  # centre pad/crop, or rescale (distorts)
+    # "pad_crop": centre pad/crop to size (stage 1: one fixed-size view per scan); "resize": rescale
+    # (distorts); "pad": pad to at least size and never crop (stage 2: the whole body, patches later)
+    resize_mode: Literal["pad_crop", "resize", "pad"] = "pad_crop"
 
     def __post_init__(self) -> None:
         self.spacing = _tuple(self.spacing, 3, float, "spacing")
@@ -225,7 +228,8 @@ def build_preprocess(
 
     Returns:
         A ``Compose`` emitting ``keys`` (float32 in [0, 1]), ``body_mask`` (uint8) and ``label_keys``
-        (int16), each ``[1, *cfg.size]`` MetaTensors in RAS orientation at ``cfg.spacing``.
+        (int16), each ``[1, *cfg.size]`` MetaTensors in RAS orientation at ``cfg.spacing`` (with
+        ``resize_mode="pad"``: ``[1, *spatial]`` with every axis at least ``cfg.size``).
     """
     keys, label_keys = _check_keys(keys, label_keys)
     masks = [BODY_MASK_KEY, *label_keys]
@@ -261,6 +265,9 @@ def build_preprocess(
         # Same symmetric offsets for every key (same input shape); only the pad value differs.
         chain.append(ResizeWithPadOrCropd(keys, cfg.size, mode="constant", value=cfg.air_value))
         chain.append(ResizeWithPadOrCropd(masks, cfg.size, mode="constant", value=0))
+    elif cfg.resize_mode == "pad":
+        chain.append(SpatialPadd(keys, cfg.size, method="symmetric", mode="constant", value=cfg.air_value))
+        chain.append(SpatialPadd(masks, cfg.size, method="symmetric", mode="constant", value=0))
     else:
         chain.append(Resized(keys, cfg.size, mode="trilinear", anti_aliasing=True))
         chain.append(Resized(masks, cfg.size, mode="nearest"))

@@ -116,3 +116,27 @@ def test_non_finite_losses_abort_with_checkpoint(tmp_path):
 def test_config_ranges():
     with pytest.raises(ConfigError, match=r"train\.lr"):
         TrainConfig(lr=-1.0).validate()
+
+
+def test_freeze_steps_keep_a_prefix_fixed_then_train_it_at_its_scaled_rate(tmp_path):
+    """task.freeze_steps / task.lr_scale: the first layer stays bit-identical for 5 steps, then moves."""
+    cfg = TrainConfig(epochs=1, max_steps=12, batch_size=8, lr=5e-2, warmup_steps=0, checkpoint_every=100)
+    task = ToyTask()
+    task.freeze_steps = {"0.": 5}
+    task.lr_scale = {"0.": 0.5}
+    before = task.model[0].weight.detach().clone()
+    snapshots = {}
+    step = task.step
+
+    def spy(model, batch):
+        snapshots[len(snapshots)] = model[0].weight.detach().clone()
+        return step(model, batch)
+
+    task.step = spy
+    engine = Engine(task, cfg, tmp_path, seed=0)
+    engine.fit()
+    for i in range(6):  # before step i runs, i steps have been taken: 0..5 see the frozen weights
+        assert torch.equal(snapshots[i], before), i
+    assert not torch.equal(snapshots[6], before)
+    lrs = {(g["lr_scale"], g["freeze_steps"]) for g in engine.optimizer.param_groups}
+    assert (0.5, 5) in lrs and (1.0, 0) in lrs

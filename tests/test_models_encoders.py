@@ -21,6 +21,14 @@ TINY = {
         {"feature_size": 6, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 4},
         (2, 1, 32, 32),
     ),
+    "vit3d": (
+        {"img_size": (32, 32, 16), "hidden_size": 16, "mlp_dim": 32, "num_layers": 4, "num_heads": 2},
+        (2, 1, 32, 32, 16),
+    ),
+    "vit2d": (
+        {"img_size": (32, 32), "hidden_size": 16, "mlp_dim": 32, "num_layers": 4, "num_heads": 2},
+        (2, 1, 32, 32),
+    ),
 }
 
 

@@ -1,4 +1,5 @@
-"""Swin Transformer encoder: MONAI's SwinUNETR backbone behind the :class:`ImageEncoder` interface."""
+"""Transformer encoders behind the :class:`ImageEncoder` interface: MONAI's SwinUNETR backbone
+(hierarchical Swin) and MONAI's plain ViT (the UNETR backbone)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from typing import Any
 
 import torch
 from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.networks.nets.vit import ViT
 from torch import nn
 
 from models.encoders.base import ImageEncoder, with_spatial_dims
 from models.registry import register_model
 
-__all__ = ["SwinViTEncoder", "swinvit2d", "swinvit3d"]
+__all__ = ["SwinViTEncoder", "ViTEncoder", "swinvit2d", "swinvit3d", "vit2d", "vit3d"]
 
 
 class SwinViTEncoder(ImageEncoder):
@@ -140,3 +142,137 @@ def swinvit3d(**kwargs: Any) -> SwinViTEncoder:
 def swinvit2d(**kwargs: Any) -> SwinViTEncoder:
     """2D Swin Transformer encoder (see :class:`SwinViTEncoder`)."""
     return SwinViTEncoder(**with_spatial_dims(kwargs, 2, "swinvit2d"))
+
+
+class ViTEncoder(ImageEncoder):
+    """Plain Vision Transformer encoder (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR
+    2021) as used by UNETR (Hatamizadeh et al., "UNETR: Transformers for 3D Medical Image
+    Segmentation", WACV 2022): MONAI's ``monai.networks.nets.ViT`` with ``classification=False``.
+
+    The token grid is fixed at construction (a learned absolute position embedding per patch), so the
+    input must be exactly ``img_size``. The features are the hidden states of four evenly spaced
+    layers (layers 3, 6, 9, 12 of a 12-layer ViT, as UNETR reads them), reshaped to
+    ``[B, hidden_size, *img_size / patch_size]``; the last one is layer-normalised (the ViT's output,
+    UNETR's bottleneck). All four share one stride: ``feature_strides = [patch_size] * 4``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        img_size: input spatial size (an int for every axis, or one per axis); each divisible by
+            ``patch_size``.
+        patch_size: patch edge in voxels (also the feature stride).
+        hidden_size: token width (the features' channels).
+        mlp_dim: MLP hidden width.
+        num_layers: transformer blocks (>= 1; with fewer than 4, layers repeat in the features).
+        num_heads: attention heads; ``hidden_size`` must be divisible by it.
+        proj_type: MONAI patch embedding, ``"conv"`` or ``"perceptron"``.
+        pos_embed_type: ``"learnable"``, ``"sincos"`` or ``"none"``.
+        dropout_rate: dropout in the blocks.
+        qkv_bias: bias in the attention's q/k/v projection.
+
+    Example::
+
+        encoder = ViTEncoder(3, 1, img_size=(64, 64, 32), hidden_size=96, num_layers=4, num_heads=4)
+        out = encoder(torch.randn(2, 1, 64, 64, 32))
+        [f.shape for f in out["features"]]  # 4 x [2, 96, 4, 4, 2]
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        img_size: int | Sequence[int] = 96,
+        patch_size: int = 16,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        proj_type: str = "conv",
+        pos_embed_type: str = "learnable",
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims={spatial_dims} must be 2 or 3")
+        if in_channels < 1:
+            raise ValueError(f"in_channels={in_channels} must be >= 1")
+        size = [int(img_size)] * spatial_dims if isinstance(img_size, int) else [int(s) for s in img_size]
+        if len(size) != spatial_dims:
+            raise ValueError(f"img_size={img_size} must be an int or {spatial_dims} ints")
+        if patch_size < 1 or any(s < patch_size or s % patch_size for s in size):
+            raise ValueError(f"img_size={tuple(size)} must be positive multiples of patch_size={patch_size}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers={num_layers} must be >= 1")
+        if hidden_size < 1 or num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size={hidden_size} must be a positive multiple of num_heads={num_heads}"
+            )
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={dropout_rate} must be in [0, 1)")
+        self._config = {
+            "spatial_dims": spatial_dims,
+            "in_channels": in_channels,
+            "img_size": size,
+            "patch_size": patch_size,
+            "hidden_size": hidden_size,
+            "mlp_dim": mlp_dim,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "proj_type": proj_type,
+            "pos_embed_type": pos_embed_type,
+            "dropout_rate": dropout_rate,
+            "qkv_bias": qkv_bias,
+        }
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.img_size = tuple(size)
+        self.grid_size = tuple(s // patch_size for s in size)
+        self.feature_channels = [hidden_size] * 4
+        self.feature_strides = [patch_size] * 4
+        self.embed_dim = hidden_size
+        # 1-based layer numbers, evenly spaced and ending at the last layer (3, 6, 9, 12 for 12 layers).
+        self.feature_layers = [max(1, round(num_layers * (k + 1) / 4)) for k in range(4)]
+        self.vit = ViT(
+            in_channels=in_channels,
+            img_size=self.img_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            proj_type=proj_type,
+            pos_embed_type=pos_embed_type,
+            classification=False,
+            dropout_rate=dropout_rate,
+            spatial_dims=spatial_dims,
+            qkv_bias=qkv_bias,
+        )
+        for block in self.vit.blocks:
+            # MONAI's TransformerBlock builds this LayerNorm even without cross-attention and never
+            # uses it then; parameters without gradient would make DDP fail (unused parameters).
+            block.norm_cross_attn = nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._check_input(x, self.feature_strides[-1])
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"ViTEncoder was built for img_size={self.img_size} (its position embedding is fixed), "
+                f"got spatial size {tuple(x.shape[2:])}"
+            )
+        output, hidden = self.vit(x)
+        states = [hidden[layer - 1] for layer in self.feature_layers[:-1]] + [output]
+        b = x.shape[0]
+        return [s.transpose(1, 2).reshape(b, s.shape[-1], *self.grid_size) for s in states]
+
+
+@register_model("image_encoder", "vit3d")
+def vit3d(**kwargs: Any) -> ViTEncoder:
+    """3D plain ViT encoder (see :class:`ViTEncoder`); pass ``img_size``."""
+    return ViTEncoder(**with_spatial_dims(kwargs, 3, "vit3d"))
+
+
+@register_model("image_encoder", "vit2d")
+def vit2d(**kwargs: Any) -> ViTEncoder:
+    """2D plain ViT encoder (see :class:`ViTEncoder`); pass ``img_size``."""
+    return ViTEncoder(**with_spatial_dims(kwargs, 2, "vit2d"))

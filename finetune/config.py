@@ -1,0 +1,126 @@
+"""The stage 2 config: ``output_dir``, ``seed`` and the sections ``data``, ``model``, ``train``, ``eval``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mosmos.engine import TrainConfig
+from mosmos.errors import ConfigError
+
+SEGMENTERS = ("mo_ctrans", "unet", "unetr")
+
+
+@dataclass
+class FinetuneData:
+    # nnU-Net v2 raw dataset folders, MSD folders or MONAI datalist JSON files; one task per dataset
+    datasets: list[str] = field(default_factory=list)
+    # per-dataset overrides of the label-name mapping: {dataset name: {its label name: vocabulary organ}}
+    label_map: dict[str, dict[str, str]] = field(default_factory=dict)
+    # per-dataset label names to drop (voxels become background; the organ counts as unlabelled there)
+    ignore_labels: dict[str, list[str]] = field(default_factory=dict)
+    # label ids -> names for datalist JSONs that do not declare them: {dataset name: {id: name}}
+    labels: dict[str, dict[int, str]] = field(default_factory=dict)
+    vocabulary: str | None = None  # organ vocabulary YAML (default: configs/organs.yaml)
+    fraction: float = 1.0  # share of each dataset's training cases kept (seeded subset; benchmark)
+    val_fraction: float = 0.2  # held-out share of each dataset's cases, split by seed (at least one)
+    # voxel size (mm, RAS), HU window and body threshold; null: from the stage 1 encoder.json when
+    # model.init names one (so both stages see the same volumes), else the defaults below
+    spacing: list[float] | None = None
+    hu_window: list[float] | None = None
+    body_threshold_hu: float | None = None
+    patch_size: list[int] = field(default_factory=lambda: [96, 96, 64])  # training patch and sliding window
+    foreground_fraction: float = 0.33  # patches centred on a random labelled organ voxel (nnU-Net's 1/3)
+    # dataset balance: "sqrt" draws a case with probability proportional to 1/sqrt(its dataset's size)
+    # (MultiTalent), "equal" gives every dataset the same share, "proportional" every case the same
+    balance: Literal["sqrt", "equal", "proportional"] = "sqrt"
+    samples_per_epoch: int | None = None  # patches per epoch (default: the number of training cases)
+    augment: bool = True  # random affine / intensity augmentation of training patches
+    cache_dir: str | None = None  # preprocessed-volume cache (default: OUTPUT_DIR/../.cache/finetune)
+
+    def validate(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"data.fraction={self.fraction} must be in (0, 1]")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ConfigError(f"data.spacing={self.spacing} must be three positive numbers (mm) or null")
+        if self.hu_window is not None and (
+            len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]
+        ):
+            raise ConfigError(f"data.hu_window={self.hu_window} must be [low, high] with low < high, or null")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 8:
+            raise ConfigError(f"data.patch_size={self.patch_size} must be three integers >= 8")
+        if not 0 <= self.foreground_fraction <= 1:
+            raise ConfigError(f"data.foreground_fraction={self.foreground_fraction} must be in [0, 1]")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError(f"data.samples_per_epoch={self.samples_per_epoch} must be >= 1 or null")
+
+
+@dataclass
+class FinetuneModel:
+    name: Literal["mo_ctrans", "unet", "unetr"] = "mo_ctrans"  # segmentation network (see `mosmos models`)
+    # "random", a stage 1 run directory, or an encoder .safetensors file (encoder.json beside it)
+    init: str = "random"
+    # image encoder registry name and kwargs; null: from the stage 1 encoder.json (init=PATH), else
+    # the network's default (rescnn3d for mo_ctrans/unet, vit3d for unetr)
+    encoder: str | None = None
+    encoder_kwargs: dict | None = None
+    decoder_kwargs: dict = field(default_factory=dict)  # network-specific decoder arguments
+    # MOSMOS transfer: feed the stage 1 pixel-tag attention maps to the decoder as extra channels
+    attention_maps: bool = False
+
+
+@dataclass
+class FinetuneTrain(TrainConfig):
+    # masked: BCE + soft Dice on the organs each sample's dataset labels (MultiTalent); marginal:
+    # softmax with unlabelled organs merged into background (Shi et al. 2021)
+    strategy: Literal["masked", "marginal"] = "masked"
+    bce_weight: float = 1.0  # weight of the BCE / cross-entropy term
+    dice_weight: float = 1.0  # weight of the soft Dice term
+    encoder_lr_scale: float = 1.0  # learning rate of the encoder (and attention head) relative to train.lr
+    freeze_encoder_steps: int = 0  # keep the encoder fixed for the first N optimizer steps
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bce_weight < 0 or self.dice_weight < 0 or self.bce_weight + self.dice_weight == 0:
+            raise ConfigError("train.bce_weight and train.dice_weight must be >= 0, not both 0")
+        if self.encoder_lr_scale < 0:
+            raise ConfigError(f"train.encoder_lr_scale={self.encoder_lr_scale} must be >= 0")
+        if self.freeze_encoder_steps < 0:
+            raise ConfigError(f"train.freeze_encoder_steps={self.freeze_encoder_steps} must be >= 0")
+
+
+@dataclass
+class FinetuneEval:
+    overlap: float = 0.25  # sliding-window overlap
+    sw_batch_size: int = 2  # windows per forward pass
+    hd95: bool = True  # also compute the 95% Hausdorff distance (slower than Dice)
+    max_cases: int | None = None  # cap on validation cases per dataset per evaluation
+
+    def validate(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"eval.overlap={self.overlap} must be in [0, 1)")
+        if self.sw_batch_size < 1:
+            raise ConfigError(f"eval.sw_batch_size={self.sw_batch_size} must be >= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "runs/finetune"  # the run directory
+    seed: int = 0  # one seed for split, subset, sampling, augmentation and initialisation
+    data: FinetuneData = field(default_factory=FinetuneData)
+    model: FinetuneModel = field(default_factory=FinetuneModel)
+    train: FinetuneTrain = field(default_factory=FinetuneTrain)
+    eval: FinetuneEval = field(default_factory=FinetuneEval)
+
+    def validate(self) -> None:
+        if not self.data.datasets:
+            raise ConfigError(
+                "data.datasets is required: a list of nnU-Net / MSD dataset folders or datalist JSONs"
+            )
+        if self.model.attention_maps and self.model.init == "random":
+            raise ConfigError(
+                "model.attention_maps=true needs a stage 1 encoder in model.init (a run directory or "
+                "encoder.safetensors); with init=random there are no attention maps to transfer"
+            )

@@ -1,0 +1,279 @@
+"""Stage 2 data: several partially labelled datasets as one stream of training patches.
+
+Each dataset is one task: it labels its own organs, named its own way (mapped to the vocabulary by
+:func:`mosmos.segdata.read_seg_dataset`). Cases are preprocessed once by the same MONAI chain as
+stage 1 (``resize_mode="pad"``: the whole body is kept, padded to at least the patch size) and
+cached; patches are cut at train time.
+
+Sampling is a function of (seed, epoch, index) only, so the engine's exact resume holds:
+
+- a case is drawn with a weight set by ``data.balance`` (``sqrt``: ∝ 1/√(size of its dataset), so a
+  dataset's share grows as √size — MultiTalent's balance between large and small datasets);
+- with probability ``data.foreground_fraction`` the patch is centred on a random voxel of a random
+  organ the case's dataset labels (nnU-Net's foreground oversampling, which small organs need),
+  otherwise anywhere in the volume;
+- the augmentation (random affine, intensity) is seeded from the same generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from finetune.config import FinetuneConfig
+from mosmos.errors import ConfigError, DataError
+from mosmos.segdata import SegCase, SegDataset, read_seg_dataset, seg_dataset_name
+from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_augment, build_preprocess
+from mosmos.vocabulary import Vocabulary
+
+logger = logging.getLogger("mosmos")
+
+DEFAULT_SPACING = (1.5, 1.5, 3.0)
+DEFAULT_HU_WINDOW = (-200.0, 300.0)
+DEFAULT_BODY_THRESHOLD = -500.0
+
+
+@dataclass
+class TaskInfo:
+    """One task: a dataset, the organs it labels, and how its label ids map to output channels."""
+
+    index: int
+    name: str
+    organs: list[str]  # canonical organs it labels, in output-channel order
+    labelled: list[bool]  # per output channel
+    lut: np.ndarray  # dataset label id -> 1 + output channel (0: background / ignored)
+    dataset: SegDataset
+
+
+@dataclass
+class SegData:
+    """The datasets of a run, split into training and validation cases."""
+
+    organs: list[str]  # output channels: every organ some dataset labels, in vocabulary order
+    tasks: list[TaskInfo]
+    train: list[tuple[SegCase, int]] = field(default_factory=list)  # (case, task index)
+    val: list[tuple[SegCase, int]] = field(default_factory=list)
+    preprocess: PreprocessConfig | None = None
+
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def resolve_preprocess(cfg: FinetuneConfig, encoder_json: dict | None) -> PreprocessConfig:
+    """The preprocessing of a run: explicit ``data.*`` settings, else the stage 1 encoder's, else defaults."""
+    pre = (encoder_json or {}).get("preprocess", {}) or {}
+    spacing = cfg.data.spacing or pre.get("spacing") or DEFAULT_SPACING
+    hu_window = cfg.data.hu_window or pre.get("hu_window") or DEFAULT_HU_WINDOW
+    threshold = cfg.data.body_threshold_hu
+    if threshold is None:
+        threshold = pre.get("body_threshold_hu", DEFAULT_BODY_THRESHOLD)
+    return PreprocessConfig(
+        spacing=tuple(spacing),
+        size=tuple(cfg.data.patch_size),
+        hu_window=tuple(hu_window),
+        body_threshold_hu=threshold,
+        resize_mode="pad",
+    )
+
+
+def _split(cases: list[SegCase], val_fraction: float, fraction: float, seed: int, salt: int):
+    """Seeded (train, val) split of one dataset's cases, then a seeded subset of the training part."""
+    if len(cases) < 2:
+        raise DataError(
+            f"dataset {cases[0].dataset if cases else '?'} has {len(cases)} labelled training case(s); "
+            "at least 2 are needed (one to train, one to validate)"
+        )
+    rng = np.random.default_rng([seed, salt])
+    order = rng.permutation(len(cases))
+    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
+    val = [cases[i] for i in sorted(order[:n_val])]
+    train_idx = order[n_val:]
+    # the subset is drawn from its own stream: a lower fraction keeps a subset of a higher one's cases
+    keep_order = np.random.default_rng([seed, salt, 1]).permutation(len(train_idx))
+    n_keep = max(1, math.ceil(fraction * len(train_idx)))
+    train = [cases[train_idx[i]] for i in sorted(keep_order[:n_keep])]
+    return sorted(train, key=lambda c: c.case_id), val
+
+
+def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
+    """Read every configured dataset, map its labels, split and subset it."""
+    datasets: list[SegDataset] = []
+    names_seen: dict[str, str] = {}
+    for path in cfg.data.datasets:
+        # the per-dataset options are keyed by the dataset's name (nnU-Net folder name, MSD name, ...)
+        name = seg_dataset_name(path)
+        ds = read_seg_dataset(
+            path,
+            vocab,
+            label_map=cfg.data.label_map.get(name),
+            ignore=cfg.data.ignore_labels.get(name),
+            labels=cfg.data.labels.get(name),
+        )
+        if ds.name in names_seen:
+            raise ConfigError(
+                f"data.datasets: {path} and {names_seen[ds.name]} are both named {ds.name!r}; "
+                "each dataset is a task and needs its own name"
+            )
+        names_seen[ds.name] = str(path)
+        datasets.append(ds)
+    unknown = sorted(
+        (set(cfg.data.label_map) | set(cfg.data.ignore_labels) | set(cfg.data.labels)) - set(names_seen)
+    )
+    if unknown:
+        raise ConfigError(
+            f"data.label_map / data.ignore_labels / data.labels name dataset(s) {unknown} that are not "
+            f"in data.datasets; the datasets are {sorted(names_seen)}"
+        )
+    labelled_organs = {o for ds in datasets for o in ds.organs}
+    organs = [o for o in vocab.names if o in labelled_organs]
+    if not organs:
+        raise ConfigError("no dataset in data.datasets labels any vocabulary organ")
+    data = SegData(organs=organs, tasks=[])
+    for ti, ds in enumerate(datasets):
+        labelled = [o in ds.organs for o in organs]
+        data.tasks.append(TaskInfo(ti, ds.name, list(ds.organs), labelled, ds.lookup_table(organs), ds))
+        cases = [c for c in ds.train if c.label is not None]
+        train, val = _split(cases, cfg.data.val_fraction, cfg.data.fraction, cfg.seed, ti)
+        data.train += [(c, ti) for c in train]
+        data.val += [(c, ti) for c in val]
+    return data
+
+
+def case_weights(tasks: list[int], balance: str) -> np.ndarray:
+    """Sampling probability of each training case given its task (dataset) and the balance rule."""
+    tasks_arr = np.asarray(tasks)
+    sizes = np.bincount(tasks_arr)[tasks_arr].astype(np.float64)
+    if balance == "sqrt":
+        w = 1.0 / np.sqrt(sizes)
+    elif balance == "equal":
+        w = 1.0 / sizes
+    elif balance == "proportional":
+        w = np.ones_like(sizes)
+    else:
+        raise ConfigError(f"data.balance={balance!r} must be one of ['sqrt', 'equal', 'proportional']")
+    return w / w.sum()
+
+
+def _crop_start(
+    rng: np.random.Generator, shape: tuple[int, ...], patch: tuple[int, ...], centre: np.ndarray | None
+) -> list[int]:
+    starts = []
+    for ax, (s, p) in enumerate(zip(shape, patch, strict=True)):
+        hi = s - p
+        if centre is None:
+            starts.append(int(rng.integers(0, hi + 1)))
+        else:
+            starts.append(int(np.clip(centre[ax] - p // 2, 0, hi)))
+    return starts
+
+
+class PatchDataset(Dataset):
+    """Training patches from cached, preprocessed cases; item ``i`` of epoch ``e`` is seeded by (seed, e, i).
+
+    Items: ``image`` ``[1, *patch]`` float in [0, 1], ``body_mask`` ``[1, *patch]``, ``label``
+    ``[1, *patch]`` int64 (0 background, k = output channel k-1; organs the case's dataset does not
+    label are 0), ``labelled`` bool ``[C]`` and ``task`` (int).
+    """
+
+    def __init__(
+        self,
+        cached: Dataset,
+        task_of_case: list[int],
+        tasks: list[TaskInfo],
+        pre: PreprocessConfig,
+        seed: int,
+        samples_per_epoch: int,
+        balance: str = "sqrt",
+        foreground_fraction: float = 0.33,
+        augment: bool = True,
+        case_ids: list[str] | None = None,
+    ) -> None:
+        self.cached, self.task_of_case, self.tasks = cached, task_of_case, tasks
+        self.patch = tuple(pre.size)
+        self.seed, self.samples = seed, samples_per_epoch
+        self.weights = case_weights(task_of_case, balance)
+        self.foreground_fraction = foreground_fraction
+        self.augment = build_augment(pre, ("image",), ("label",)) if augment else None
+        self.case_ids = case_ids or [str(i) for i in range(len(task_of_case))]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        case = int(rng.choice(len(self.weights), p=self.weights))
+        task = self.tasks[self.task_of_case[case]]
+        try:
+            item = self.cached[case]
+        except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
+            raise DataError(
+                f"case {self.case_ids[case]}: could not be loaded and preprocessed: {exc}"
+            ) from None
+        image = torch.as_tensor(item["image"]).float()
+        body = torch.as_tensor(item[BODY_MASK_KEY])
+        raw = torch.as_tensor(item["label"]).long()
+        lut = torch.as_tensor(task.lut, dtype=torch.long)
+        if int(raw.max()) >= len(lut) or int(raw.min()) < 0:
+            raise DataError(
+                f"case {self.case_ids[case]}: label id {int(raw.max())} is not declared in dataset {task.name}'s labels"
+            )
+        label = lut[raw]
+        centre = None
+        if rng.random() < self.foreground_fraction:
+            present = [int(k) for k in torch.unique(label) if k > 0]
+            if present:
+                organ = present[int(rng.integers(len(present)))]
+                voxels = torch.nonzero(label[0] == organ)
+                centre = voxels[int(rng.integers(len(voxels)))].numpy()
+        start = _crop_start(rng, tuple(image.shape[1:]), self.patch, centre)
+        sl = (slice(None), *(slice(s, s + p) for s, p in zip(start, self.patch, strict=True)))
+        out = {"image": image[sl], BODY_MASK_KEY: body[sl], "label": label[sl]}
+        if self.augment is not None:
+            self.augment.set_random_state(seed=int(rng.integers(2**31)))
+            out = self.augment(out)
+        return {
+            "image": torch.as_tensor(out["image"]).float(),
+            BODY_MASK_KEY: torch.as_tensor(out[BODY_MASK_KEY]).float(),
+            "label": torch.as_tensor(out["label"]).long(),
+            "labelled": torch.tensor(task.labelled, dtype=torch.bool),
+            "task": torch.tensor(task.index, dtype=torch.long),
+        }
+
+
+def build_train_dataset(cfg: FinetuneConfig, data: SegData, output_dir: Path) -> PatchDataset:
+    """The cached, balanced patch stream over ``data.train``."""
+    from mosmos.cache import cache_key, cached_dataset
+
+    pre = data.preprocess
+    assert pre is not None
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir.parent / ".cache" / "finetune"
+    items = [{"image": c.image, "label": c.label} for c, _ in data.train]
+    cached = cached_dataset(
+        items,
+        build_preprocess(pre, ("image",), ("label",)),
+        cache_dir,
+        cache_key(pre, ("image",), ("label",), prefix="finetune"),
+    )
+    return PatchDataset(
+        cached,
+        [t for _, t in data.train],
+        data.tasks,
+        pre,
+        seed=cfg.seed,
+        samples_per_epoch=cfg.data.samples_per_epoch or len(data.train),
+        balance=cfg.data.balance,
+        foreground_fraction=cfg.data.foreground_fraction,
+        augment=cfg.data.augment,
+        case_ids=[c.case_id for c, _ in data.train],
+    )

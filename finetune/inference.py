@@ -1,0 +1,281 @@
+"""Trained segmenters on disk, and inference in each input's own geometry.
+
+A stage 2 run directory holds ``model.safetensors`` (the best weights by mean validation Dice) and
+``model.json``: the network, its encoder and attention head configs, the output organs, the tasks
+with the organs each labels, the loss strategy and the preprocessing. :func:`load_model` rebuilds
+the network from the registry and loads the weights (safetensors only, no pickle).
+
+Inference runs the preprocessing chain (RAS, spacing, HU window, body crop, pad), a sliding window
+(``monai.inferers.sliding_window_inference``) over the whole volume, converts logits to per-organ
+probabilities, and maps them back with ``monai.transforms.Invertd`` (undoing pad, crop, resampling
+and reorientation), so probabilities and label maps have exactly the input's shape and affine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mosmos.errors import ConfigError, DataError
+from mosmos.io import atomic_path, atomic_write_bytes, write_json
+from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_preprocess
+
+logger = logging.getLogger("mosmos")
+
+MODEL_FORMAT = "mosmos-segmenter-v1"
+MODEL_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+
+@dataclass
+class ModelSpec:
+    """What ``model.json`` holds."""
+
+    name: str
+    encoder: str
+    encoder_kwargs: dict
+    decoder: dict
+    attention_head: dict | None
+    organs: list[str]
+    tasks: list[dict]  # [{"name": ..., "organs": [...]}]
+    organ_task: dict[str, int]  # organ -> task used when no task is named
+    strategy: str
+    preprocess: dict
+    extra: dict
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.tasks]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": MODEL_FORMAT,
+            "name": self.name,
+            "encoder": self.encoder,
+            "encoder_kwargs": self.encoder_kwargs,
+            "decoder": self.decoder,
+            "attention_head": self.attention_head,
+            "organs": self.organs,
+            "tasks": self.tasks,
+            "organ_task": self.organ_task,
+            "strategy": self.strategy,
+            "preprocess": self.preprocess,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "model.json") -> ModelSpec:
+        if d.get("format") != MODEL_FORMAT:
+            raise ConfigError(f"{source}: not a mosmos segmentation model (format {d.get('format')!r})")
+        known = {"format", *cls.__dataclass_fields__} - {"extra"}
+        try:
+            return cls(
+                **{k: d[k] for k in cls.__dataclass_fields__ if k != "extra"},
+                extra={k: v for k, v in d.items() if k not in known},
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing field {e}") from None
+
+    def task_index(self, task: str | None) -> int | None:
+        """Index of a task by name (``None`` stays ``None``); an unknown name lists the valid ones."""
+        if task is None:
+            return None
+        names = self.task_names
+        if task not in names:
+            raise ConfigError(f"task {task!r} is not one of this model's tasks: {names}")
+        return names.index(task)
+
+
+def build_from_spec(spec: ModelSpec) -> torch.nn.Module:
+    """The network described by ``spec`` (random weights)."""
+    from models.attention import TagAttentionHead
+    from models.registry import create_image_encoder, create_model
+
+    encoder = create_image_encoder(spec.encoder, **spec.encoder_kwargs)
+    head = TagAttentionHead(**spec.attention_head) if spec.attention_head else None
+    decoder = {**spec.decoder, "num_classes": len(spec.organs), "num_tasks": len(spec.tasks)}
+    return create_model("segmenter", spec.name, encoder=encoder, attention_head=head, **decoder)
+
+
+def save_model(run_dir: str | Path, model: torch.nn.Module, spec: ModelSpec) -> None:
+    """Write ``model.safetensors`` and ``model.json`` atomically."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(run_dir / MODEL_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": MODEL_FORMAT})
+    write_json(run_dir / SPEC_FILE, spec.to_dict())
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
+    """Rebuild a trained network from a stage 2 run directory (or its ``model.safetensors``)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(run_dir)
+    if path.is_file():
+        path = path.parent
+    weights, spec_path = path / MODEL_FILE, path / SPEC_FILE
+    for f in (weights, spec_path):
+        if not f.is_file():
+            raise ConfigError(
+                f"{path}: no {f.name}; --model must be a stage 2 run directory (from `mosmos finetune`) "
+                "that finished at least one evaluation"
+            )
+    try:
+        spec = ModelSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")), str(spec_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{spec_path}: not valid JSON: {e}") from None
+    model = build_from_spec(spec)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{weights}: not a readable safetensors file: {e}") from None
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"{weights} does not match {spec_path}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.to(device).eval(), spec
+
+
+def organ_probabilities(logits: torch.Tensor, strategy: str) -> torch.Tensor:
+    """Per-organ probabilities from logits ``[B, C, *S]``: sigmoid (masked) or softmax with an
+    implicit zero background logit (marginal)."""
+    if strategy == "marginal":
+        zeros = torch.zeros_like(logits[:, :1])
+        return torch.softmax(torch.cat([zeros, logits], dim=1), dim=1)[:, 1:]
+    return torch.sigmoid(logits)
+
+
+def decode_probabilities(
+    probs: np.ndarray | torch.Tensor, strategy: str, threshold: float = 0.5
+) -> np.ndarray:
+    """Label map (0 background, k = organ k-1) from probabilities ``[C, *S]``.
+
+    masked: the most probable organ where its probability exceeds ``threshold``; marginal: the argmax
+    over (background = 1 - sum of organs, organs).
+    """
+    p = torch.as_tensor(probs).float()
+    if strategy == "marginal":
+        background = (1.0 - p.sum(0, keepdim=True)).clamp_min(0)
+        return torch.cat([background, p], 0).argmax(0).numpy().astype(np.uint8)
+    best, idx = p.max(0)
+    return torch.where(best > threshold, idx + 1, 0).numpy().astype(np.uint8)
+
+
+class Predictor:
+    """Sliding-window inference of a trained segmenter in each input's own geometry."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: ModelSpec,
+        device: str | torch.device = "cpu",
+        overlap: float = 0.25,
+        sw_batch_size: int = 2,
+    ) -> None:
+        self.model, self.spec, self.device = model, spec, torch.device(device)
+        self.pre = PreprocessConfig.from_dict(spec.preprocess)
+        self.chain = build_preprocess(self.pre, ("image",))
+        self.overlap, self.sw_batch_size = overlap, sw_batch_size
+        self.task_conditioned = bool(getattr(model, "task_conditioned", len(spec.tasks) > 1))
+
+    def _plan(self, task: int | None) -> dict[int | None, list[int]]:
+        """Which forward passes to run: task -> output channels taken from it."""
+        if task is not None or not self.task_conditioned:
+            return {task: list(range(len(self.spec.organs)))}
+        plan: dict[int | None, list[int]] = {}
+        for c, organ in enumerate(self.spec.organs):
+            plan.setdefault(int(self.spec.organ_task[organ]), []).append(c)
+        return plan
+
+    @torch.no_grad()
+    def probabilities(self, image_path: str | Path, task: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Per-organ probabilities ``[C, *input shape]`` in the input's voxel grid, and its meta."""
+        from monai.data import MetaTensor
+        from monai.inferers import sliding_window_inference
+        from monai.transforms import Invertd
+
+        try:
+            item = self.chain({"image": str(image_path)})
+        except Exception as exc:  # MONAI wraps reader errors several levels deep
+            raise DataError(f"{image_path}: could not be read and preprocessed: {_root_cause(exc)}") from None
+        image = item["image"]
+        x = torch.cat([image.as_tensor(), torch.as_tensor(item[BODY_MASK_KEY]).float()], 0)[None]
+        x = x.to(self.device)
+        out = torch.zeros((len(self.spec.organs), *image.shape[1:]), dtype=torch.float32)
+        for t, channels in self._plan(task).items():
+            tid = None if t is None else torch.tensor([t], device=self.device)
+
+            def predictor(window: torch.Tensor, tid=tid) -> torch.Tensor:
+                task_ids = None if tid is None else tid.expand(window.shape[0])
+                return self.model(window[:, :1], task=task_ids, mask=window[:, 1:2])
+
+            logits = sliding_window_inference(
+                x,
+                roi_size=tuple(self.pre.size),
+                sw_batch_size=self.sw_batch_size,
+                predictor=predictor,
+                overlap=self.overlap,
+                mode="gaussian",
+            )
+            probs = organ_probabilities(torch.as_tensor(logits).float().cpu(), self.spec.strategy)[0]
+            out[channels] = probs[channels]
+        pred = MetaTensor(out, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        inverted = Invertd("pred", self.chain, orig_keys="image", nearest_interp=False)(
+            {"image": image, "pred": pred}
+        )["pred"]
+        return torch.as_tensor(inverted).float(), dict(image.meta)
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def save_label_map(label: np.ndarray, reference: str | Path, path: str | Path) -> None:
+    """Write a uint8 label map with the reference volume's affine and header, atomically."""
+    import nibabel as nib
+
+    ref = nib.load(str(reference))
+    if tuple(label.shape) != tuple(ref.shape[:3]):
+        raise DataError(f"{path}: prediction shape {label.shape} differs from {reference} {ref.shape[:3]}")
+    img = nib.Nifti1Image(label.astype(np.uint8), ref.affine, header=ref.header.copy())
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1, 0)
+    _write_nifti(img, path)
+
+
+def save_probabilities(probs: np.ndarray, reference: str | Path, path: str | Path) -> None:
+    """Write float32 probabilities ``[C, *S]`` as a 4D NIfTI (channels last) with the reference affine."""
+    import nibabel as nib
+
+    ref = nib.load(str(reference))
+    img = nib.Nifti1Image(np.moveaxis(probs.astype(np.float32), 0, -1), ref.affine)
+    _write_nifti(img, path)
+
+
+def _write_nifti(img, path: str | Path) -> None:
+    """Save a NIfTI image atomically (a killed run leaves no half-written file); gzip for ``.gz``."""
+    import gzip
+
+    data = img.to_bytes()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    atomic_write_bytes(path, data)
+
+
+def labels_json(organs: list[str]) -> dict[str, Any]:
+    """``labels.json`` beside predictions: id -> organ name, background 0."""
+    return {"0": "background", **{str(i + 1): o for i, o in enumerate(organs)}}

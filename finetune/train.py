@@ -1,0 +1,214 @@
+"""Stage 2 entry point: ``mosmos finetune --config FILE`` / ``accelerate launch -m finetune --config FILE``.
+
+Reads the partially labelled datasets, builds the segmentation network (optionally initialised from
+a stage 1 encoder), trains it on the shared engine with the partial-label loss, evaluates on each
+dataset's validation cases in their original geometry, and keeps the best weights by mean Dice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune.config import FinetuneConfig
+from finetune.data import SegData, build_seg_data, build_train_dataset, resolve_preprocess
+from finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
+from mosmos.config import dump_config, load_config
+from mosmos.errors import ConfigError, DataError
+from mosmos.io import atomic_write_text, library_versions, write_json
+from mosmos.vocabulary import load_vocabulary
+
+logger = logging.getLogger("mosmos")
+
+BEST_FILE = "best.json"
+VAL_CASES_FILE = "val_cases.csv"
+
+
+def load_label(path: str, lut: np.ndarray, dataset: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A label map in its own voxel grid, mapped to output channels (0 background), and its spacing."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        raw = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for unreadable files
+        raise DataError(f"{path}: not a readable NIfTI label map: {e}") from None
+    if raw.ndim != 3:
+        raise DataError(f"{path}: expected a 3D label map, got shape {raw.shape}")
+    ids = np.rint(raw).astype(np.int64)
+    if not np.array_equal(ids, raw) or ids.min() < 0 or ids.max() >= len(lut):
+        bad = sorted(set(np.unique(raw).tolist()) - set(range(len(lut))))[:5]
+        raise DataError(f"{path}: label values {bad} are not label ids declared by dataset {dataset}")
+    return lut[ids], tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def organ_tasks(data: SegData) -> dict[str, int]:
+    """For each output organ, the task used when none is named: the one with most training cases labelling it."""
+    counts = np.bincount([t for _, t in data.train], minlength=len(data.tasks))
+    out = {}
+    for organ in data.organs:
+        candidates = [t.index for t in data.tasks if organ in t.organs]
+        out[organ] = max(candidates, key=lambda i: (counts[i], -i))
+    return out
+
+
+class FinetuneTask:
+    """What the engine needs for stage 2: model, patch stream, loss step, validation Dice."""
+
+    def __init__(self, cfg: FinetuneConfig, accelerator) -> None:
+        from finetune.pretrained import build_segmenter, read_encoder_export
+        from models.seg_losses import MarginalLoss, MaskedBCEDiceLoss
+
+        self.cfg, self.accelerator = cfg, accelerator
+        self.output_dir = Path(cfg.output_dir)
+        vocab = load_vocabulary(cfg.data.vocabulary)
+        encoder_json = None
+        if cfg.model.init != "random":
+            encoder_json, _ = read_encoder_export(cfg.model.init)
+        self.data = build_seg_data(cfg, vocab)
+        self.data.preprocess = resolve_preprocess(cfg, encoder_json)
+        self.model, report = build_segmenter(
+            cfg.model.name,
+            num_classes=len(self.data.organs),
+            num_tasks=len(self.data.tasks),
+            init=cfg.model.init,
+            encoder=cfg.model.encoder,
+            encoder_kwargs=cfg.model.encoder_kwargs,
+            use_attention_maps=cfg.model.attention_maps,
+            decoder_kwargs=cfg.model.decoder_kwargs,
+            img_size=tuple(cfg.data.patch_size),
+        )
+        stride = max(self.model.encoder.feature_strides)
+        if any(p % stride for p in cfg.data.patch_size):
+            raise ConfigError(
+                f"data.patch_size={cfg.data.patch_size} must be divisible by the encoder's total stride "
+                f"{stride} on every axis"
+            )
+        if report is not None:
+            accelerator.print(report.format())
+        self.train_dataset = build_train_dataset(cfg, self.data, self.output_dir)
+        self.collate_fn = None
+        if cfg.train.strategy == "marginal":
+            self.loss = MarginalLoss(dice_weight=cfg.train.dice_weight, ce_weight=cfg.train.bce_weight)
+        else:
+            self.loss = MaskedBCEDiceLoss(bce_weight=cfg.train.bce_weight, dice_weight=cfg.train.dice_weight)
+        prefixes = ["encoder.", "attention_head."]
+        self.lr_scale = dict.fromkeys(prefixes, cfg.train.encoder_lr_scale)
+        self.freeze_steps = dict.fromkeys(prefixes, cfg.train.freeze_encoder_steps)
+        self.spec = ModelSpec(
+            name=cfg.model.name,
+            encoder=self.model.encoder.model_name,
+            encoder_kwargs=self.model.encoder.encoder_config(),
+            decoder=self.model.decoder_config(),
+            attention_head=(
+                self.model.attention_head.head_config() if self.model.attention_head is not None else None
+            ),
+            organs=self.data.organs,
+            tasks=[{"name": t.name, "organs": t.organs} for t in self.data.tasks],
+            organ_task=organ_tasks(self.data),
+            strategy=cfg.train.strategy,
+            preprocess=self.data.preprocess.to_dict(),
+            extra={"init": cfg.model.init, "attention_maps": cfg.model.attention_maps},
+        )
+        best_path = self.output_dir / BEST_FILE
+        self.best = json.loads(best_path.read_text()) if best_path.is_file() else None
+        self.last_rows: list[dict] = []
+        accelerator.print(
+            f"stage 2: {len(self.data.tasks)} task(s), {len(self.data.organs)} organs, "
+            f"{len(self.data.train)} training / {len(self.data.val)} validation cases"
+        )
+        for t in self.data.tasks:
+            n_train = sum(1 for _, ti in self.data.train if ti == t.index)
+            accelerator.print(f"  task {t.index} {t.name}: {n_train} training cases, organs {t.organs}")
+
+    def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        logits = model(batch["image"], task=batch["task"], mask=batch["body_mask"])
+        return self.loss.components(logits, batch["label"], batch["labelled"])
+
+    def validation_rows(self, model: torch.nn.Module) -> list[dict]:
+        """Per case and labelled organ Dice / HD95 on the validation cases, in their original geometry."""
+        from finetune.metrics import case_metrics
+
+        device = next(model.parameters()).device
+        predictor = Predictor(
+            model, self.spec, device, overlap=self.cfg.eval.overlap, sw_batch_size=self.cfg.eval.sw_batch_size
+        )
+        rows, per_task = [], {}
+        for case, ti in self.data.val:
+            per_task[ti] = per_task.get(ti, 0) + 1
+            if self.cfg.eval.max_cases is not None and per_task[ti] > self.cfg.eval.max_cases:
+                continue
+            task = self.data.tasks[ti]
+            probs, _ = predictor.probabilities(case.image, task=ti)
+            pred = decode_probabilities(probs, self.spec.strategy)
+            label, spacing = load_label(case.label, task.lut, task.name)
+            for row in case_metrics(pred, label, self.data.organs, task.organs, spacing):
+                rows.append({"dataset": task.name, "case": case.case_id, **row})
+        return rows
+
+    def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+        from finetune.metrics import summarize, write_case_csv
+
+        rows = self.validation_rows(model)
+        summary = summarize(rows)
+        mean = summary["mean_dice"]
+        if self.best is None or mean > self.best["mean_dice"]:
+            save_model(self.output_dir, model, self.spec)
+            write_case_csv(rows, self.output_dir / VAL_CASES_FILE)
+            self.best = {"mean_dice": mean, "epoch": epoch}
+            write_json(self.output_dir / BEST_FILE, self.best)
+        # overall means and per-dataset Dice go to the engine's history (NaN, e.g. an HD95 with an empty
+        # prediction, becomes null so that metrics.json stays strict JSON)
+        keep = {
+            k: v for k, v in summary.items() if "/" not in k or (k.startswith("dice/") and k.count("/") == 1)
+        }
+        return {k: (None if v != v else float(v)) for k, v in keep.items()}
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Train stage 2 as configured; returns the best validation metrics."""
+    from accelerate.utils import set_seed
+
+    from finetune.metrics import format_dice_table, read_case_csv, summarize
+    from mosmos.engine import Engine
+
+    output_dir = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    accelerator = Engine.make_accelerator(cfg.train, output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "config.yaml", dump_config(cfg))
+        write_json(output_dir / "versions.json", library_versions())
+    task = FinetuneTask(cfg, accelerator)
+    engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=accelerator)
+    history = engine.fit()
+    if not accelerator.is_main_process or engine.interrupted:
+        return {}
+    best_epoch = task.best["epoch"] if task.best else None
+    best = next((h for h in history if h.get("epoch") == best_epoch), history[-1] if history else {})
+    metrics_path = output_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics["best"] = best
+    write_json(metrics_path, metrics)
+    print(
+        f"stage 2 finished: {output_dir}/model.safetensors (best epoch {best_epoch}, mean Dice "
+        f"{best.get('mean_dice', float('nan')):.3f})"
+    )
+    rows = read_case_csv(output_dir / VAL_CASES_FILE)
+    print(format_dice_table(summarize(rows), task.data.organs))
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description="mosmos stage 2 fine-tuning")
+    parser.add_argument("--config", required=True, help="YAML config (see configs/finetune/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    args = parser.parse_args(argv)
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    run(cfg)
+    return 0

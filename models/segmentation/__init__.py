@@ -1,0 +1,26 @@
+"""Stage 2 segmenters behind one interface (:class:`SegmenterBase`); importing registers them in the
+``"segmenter"`` family: ``unet``, ``mo_ctrans`` and ``unetr``.
+
+Example::
+
+    from models import create_image_encoder, create_model
+
+    encoder = create_image_encoder("rescnn3d", channels=(16, 32, 48, 64), strides=(2, 2, 2, 2))
+    net = create_model("segmenter", "mo_ctrans", encoder=encoder, num_classes=11, num_tasks=3)
+    logits = net(image, task=task_ids, mask=body)  # [B, 11, *image.shape[2:]]
+"""
+
+from models.segmentation.common import ENCODER_PREFIXES, SegmenterBase, UpStage
+from models.segmentation.mo_ctrans import MOCTransSegmenter, TaskTokenTransformer
+from models.segmentation.unet import UNetSegmenter
+from models.segmentation.unetr import UNETRSegmenter
+
+__all__ = [
+    "ENCODER_PREFIXES",
+    "MOCTransSegmenter",
+    "SegmenterBase",
+    "TaskTokenTransformer",
+    "UNETRSegmenter",
+    "UNetSegmenter",
+    "UpStage",
+]

@@ -1,0 +1,105 @@
+"""Stage 2 data: seeded splits and subsets, dataset balance, and patches seeded per (epoch, index)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from finetune.config import FinetuneConfig
+from finetune.data import _split, build_seg_data, build_train_dataset, case_weights, resolve_preprocess
+from mosmos.config import load_config
+from mosmos.segdata import SegCase
+from mosmos.vocabulary import load_vocabulary
+from tests.conftest import REPO
+
+
+def _cases(n, name="D"):
+    return [SegCase(f"{name}_{i:03d}", f"/x/{i}.nii.gz", f"/y/{i}.nii.gz", name) for i in range(n)]
+
+
+def test_sqrt_balance_gives_each_dataset_a_share_proportional_to_the_root_of_its_size():
+    w = case_weights([0] * 4 + [1] * 16, "sqrt")
+    np.testing.assert_allclose(w.sum(), 1.0)
+    # case weights 1/2 and 1/4 -> dataset shares 4/2 : 16/4 = 2 : 4
+    np.testing.assert_allclose([w[:4].sum(), w[4:].sum()], [1 / 3, 2 / 3])
+    eq = case_weights([0] * 4 + [1] * 16, "equal")
+    np.testing.assert_allclose([eq[:4].sum(), eq[4:].sum()], [0.5, 0.5])
+    prop = case_weights([0] * 4 + [1] * 16, "proportional")
+    np.testing.assert_allclose(prop, np.full(20, 1 / 20))
+
+
+def test_split_is_seeded_disjoint_and_lower_fractions_keep_a_subset():
+    cases = _cases(20)
+    train, val = _split(cases, 0.2, 1.0, seed=0, salt=0)
+    assert len(val) == 4 and len(train) == 16
+    assert not {c.case_id for c in train} & {c.case_id for c in val}
+    assert _split(cases, 0.2, 1.0, seed=0, salt=0) == (train, val)
+    assert _split(cases, 0.2, 1.0, seed=1, salt=0)[1] != val
+    half, val_half = _split(cases, 0.2, 0.5, seed=0, salt=0)
+    quarter, _ = _split(cases, 0.2, 0.25, seed=0, salt=0)
+    assert val_half == val  # the fraction never changes the validation cases
+    assert len(half) == 8 and len(quarter) == 4
+    assert {c.case_id for c in quarter} <= {c.case_id for c in half} <= {c.case_id for c in train}
+    assert len(_split(cases, 0.2, 0.01, seed=0, salt=0)[0]) == 1  # never empty
+
+
+def _cfg(tiny_synth, tmp_path, *extra):
+    raw = tiny_synth / "nnUNet_raw"
+    datasets = ",".join(
+        str(raw / d) for d in ("Dataset011_AbdomenA", "Dataset012_KidneyB", "Dataset013_VesselsC")
+    )
+    return load_config(
+        FinetuneConfig,
+        REPO / "configs" / "finetune" / "demo.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.datasets=[{datasets}]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.patch_size=[32,32,16]",
+            "data.spacing=[10.0,10.0,14.0]",
+            "data.val_fraction=0.5",
+            *extra,
+        ],
+    )
+
+
+def test_tasks_organs_and_lookup_tables_from_the_generated_datasets(tiny_synth, tmp_path):
+    cfg = _cfg(tiny_synth, tmp_path)
+    data = build_seg_data(cfg, load_vocabulary(None))
+    assert [t.name for t in data.tasks] == [
+        "Dataset011_AbdomenA",
+        "Dataset012_KidneyB",
+        "Dataset013_VesselsC",
+    ]
+    assert "duodenum" in data.organs and "urinary_bladder" in data.organs and "liver" in data.organs
+    kidney_b = data.tasks[1]
+    assert set(kidney_b.organs) == {
+        "kidney_right",
+        "kidney_left",
+        "gallbladder",
+        "duodenum",
+        "urinary_bladder",
+    }
+    assert sum(kidney_b.labelled) == 5
+    # KidneyB's "Kidney (L)" is its id 2 -> the kidney_left channel
+    assert kidney_b.lut[2] == data.organs.index("kidney_left") + 1
+    assert len(data.train) == 3 and len(data.val) == 3  # 2 cases each: one to train, one to validate
+
+
+def test_patches_are_seeded_by_epoch_and_index_and_only_labelled_organs_are_foreground(tiny_synth, tmp_path):
+    cfg = _cfg(tiny_synth, tmp_path, "data.foreground_fraction=1.0")
+    data = build_seg_data(cfg, load_vocabulary(None))
+    data.preprocess = resolve_preprocess(cfg, None)
+    ds = build_train_dataset(cfg, data, tmp_path / "run")
+    a, b = ds[0], ds[0]
+    assert a["image"].shape == (1, 32, 32, 16) and a["label"].shape == (1, 32, 32, 16)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0]["image"], a["image"])
+    for i in range(len(ds)):
+        item = ds[i]
+        present = {int(k) for k in torch.unique(item["label"]) if k > 0}
+        labelled = {c + 1 for c in torch.nonzero(item["labelled"]).flatten().tolist()}
+        assert present <= labelled, (present, labelled)
+        assert present  # foreground_fraction=1: every patch is centred on an organ
+        assert item["task"].item() in (0, 1, 2)
