@@ -92,17 +92,23 @@ class FinetuneTrain(TrainConfig):
 
 
 @dataclass
-class FinetuneEval:
+class SlidingWindowEval:
+    """Sliding-window inference settings (validation, ``mosmos evaluate``, the benchmark's test set)."""
+
     overlap: float = 0.25  # sliding-window overlap
     sw_batch_size: int = 2  # windows per forward pass
-    hd95: bool = True  # also compute the 95% Hausdorff distance (slower than Dice)
-    max_cases: int | None = None  # cap on validation cases per dataset per evaluation
 
     def validate(self) -> None:
         if not 0 <= self.overlap < 1:
             raise ConfigError(f"eval.overlap={self.overlap} must be in [0, 1)")
         if self.sw_batch_size < 1:
             raise ConfigError(f"eval.sw_batch_size={self.sw_batch_size} must be >= 1")
+
+
+@dataclass
+class FinetuneEval(SlidingWindowEval):
+    hd95: bool = True  # also compute the 95% Hausdorff distance (slower than Dice)
+    max_cases: int | None = None  # cap on validation cases per dataset per evaluation
 
 
 @dataclass

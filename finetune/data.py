@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,11 @@ def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
         labelled = [o in ds.organs for o in organs]
         data.tasks.append(TaskInfo(ti, ds.name, list(ds.organs), labelled, ds.lookup_table(organs), ds))
         cases = [c for c in ds.train if c.label is not None]
-        train, val = _split(cases, cfg.data.val_fraction, cfg.data.fraction, cfg.seed, ti)
+        # salted by the dataset's name, not its position: a dataset splits the same way alone or in
+        # any combination with others (so single-dataset and joint runs validate on the same cases)
+        train, val = _split(
+            cases, cfg.data.val_fraction, cfg.data.fraction, cfg.seed, zlib.crc32(ds.name.encode())
+        )
         data.train += [(c, ti) for c in train]
         data.val += [(c, ti) for c in val]
     return data

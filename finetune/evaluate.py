@@ -28,6 +28,7 @@ def evaluate_run(
     sw_batch_size: int = 2,
     label_map: dict[str, str] | None = None,
     ignore_labels: list[str] | None = None,
+    hd95: bool = True,
 ) -> dict:
     """Evaluate ``model_dir`` on ``data``; writes ``metrics.json`` and ``cases.csv`` to ``output``.
 
@@ -68,7 +69,7 @@ def evaluate_run(
         probs, _ = predictor.probabilities(case.image, task=task_id)
         pred = decode_probabilities(probs, spec.strategy)
         label, spacing = load_label(case.label, lut, ds.name)
-        for row in case_metrics(pred, label, spec.organs, organs, spacing):
+        for row in case_metrics(pred, label, spec.organs, organs, spacing, hd95):
             rows.append({"dataset": ds.name, "case": case.case_id, **row})
     summary = summarize(rows)
     output = Path(output) if output else Path(model_dir) / f"eval_{ds.name}"

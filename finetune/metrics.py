@@ -53,8 +53,11 @@ def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nda
     return pred[tuple(slices)], gt[tuple(slices)]
 
 
-def _organ_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
-    """Dice and HD95 (mm) of two boolean masks, with the empty-mask conventions of this module."""
+def _organ_scores(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], hd95: bool = True
+) -> tuple[float, float]:
+    """Dice and HD95 (mm) of two boolean masks, with the empty-mask conventions of this module
+    (HD95 is NaN when ``hd95`` is false)."""
     p_any, g_any = bool(pred.any()), bool(gt.any())
     if not p_any and not g_any:
         return 1.0, 0.0
@@ -62,12 +65,12 @@ def _organ_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) ->
     y_pred = torch.from_numpy(np.ascontiguousarray(pred))[None, None].float()
     y = torch.from_numpy(np.ascontiguousarray(gt))[None, None].float()
     dice = float(compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0, 0])
-    if not (p_any and g_any):
+    if not (p_any and g_any) or not hd95:
         return dice, math.nan
-    hd95 = compute_hausdorff_distance(
+    distance = compute_hausdorff_distance(
         y_pred, y, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
     )
-    return dice, float(hd95[0, 0])
+    return dice, float(distance[0, 0])
 
 
 def case_metrics(
@@ -76,6 +79,7 @@ def case_metrics(
     organs: Sequence[str],
     labelled: Sequence[str],
     spacing: Sequence[float],
+    hd95: bool = True,
 ) -> list[dict[str, Any]]:
     """Dice and HD95 of each labelled organ of one case.
 
@@ -85,6 +89,7 @@ def case_metrics(
         organs: names of all organs, in label-value order.
         labelled: the organs this case's dataset annotates; only these are reported (in this order).
         spacing: voxel size in mm per axis of ``pred``, for HD95.
+        hd95: compute HD95 (the slower part); NaN when false.
 
     Returns:
         One row per labelled organ: ``{"organ", "dice", "hd95", "gt_voxels", "pred_voxels"}`` (see the
@@ -102,12 +107,12 @@ def case_metrics(
     for name in labelled:
         value = list(organs).index(name) + 1
         p, g = pred == value, label == value
-        dice, hd95 = _organ_scores(p, g, spacing)
+        dice, distance = _organ_scores(p, g, spacing, hd95)
         rows.append(
             {
                 "organ": name,
                 "dice": dice,
-                "hd95": hd95,
+                "hd95": distance,
                 "gt_voxels": int(g.sum()),
                 "pred_voxels": int(p.sum()),
             }

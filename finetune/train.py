@@ -147,7 +147,7 @@ class FinetuneTask:
             probs, _ = predictor.probabilities(case.image, task=ti)
             pred = decode_probabilities(probs, self.spec.strategy)
             label, spacing = load_label(case.label, task.lut, task.name)
-            for row in case_metrics(pred, label, self.data.organs, task.organs, spacing):
+            for row in case_metrics(pred, label, self.data.organs, task.organs, spacing, self.cfg.eval.hd95):
                 rows.append({"dataset": task.name, "case": case.case_id, **row})
         return rows
 

@@ -1,0 +1,386 @@
+"""The initialisation benchmark: statistics, the grid's resume logic, pretraining reuse, a tiny real grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from finetune import benchmark
+from finetune.benchmark import BenchmarkConfig, make_plan, run_benchmark
+from finetune.benchmark_stats import (
+    MIN_NONZERO_PAIRS,
+    cell_means,
+    format_mean_std_table,
+    mean_std_table,
+    paired_dice,
+    paired_wilcoxon,
+)
+from mosmos.cli import main as cli
+from mosmos.config import load_config
+from mosmos.errors import ConfigError
+from tests.conftest import REPO, tiny_pretrain_overrides
+
+RAW = "nnUNet_raw"
+ENCODER_KWARGS = "{channels: [8, 16, 16, 16], strides: [2, 2, 2, 2], num_res_units: 1, norm: batch}"
+# a seconds-long stage 2 cell on tiny_synth (the benchmark sets output_dir, datasets, fraction, init)
+TINY_FINETUNE = [
+    "data.patch_size=[32,32,16]",
+    "data.spacing=[10.0,10.0,14.0]",
+    "data.val_fraction=0.5",
+    "data.samples_per_epoch=4",
+    f"model.encoder_kwargs={ENCODER_KWARGS}",
+    "train.epochs=1",
+    "train.batch_size=2",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.eval_every=1",
+    "eval.hd95=false",
+]
+
+
+# ------------------------------------------------------------------------------------- statistics
+def test_wilcoxon_matches_scipy_on_paired_samples():
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0.4, 0.9, 25)
+    b = a - rng.normal(0.03, 0.05, 25)
+    b[[2, 7]] = a[[2, 7]]  # two zero differences, dropped by both
+    ours = paired_wilcoxon(a, b)
+    ref = scipy.stats.wilcoxon(a, b, alternative="two-sided")
+    assert ours.p == pytest.approx(ref.pvalue) and ours.statistic == pytest.approx(ref.statistic)
+    assert ours.n == 25 and ours.n_nonzero == 23
+    assert ours.median_diff == pytest.approx(np.median(a - b))
+    assert ours.format_p() == f"p={ref.pvalue:.3g}"
+
+
+def test_wilcoxon_drops_nan_pairs_before_testing():
+    a = [0.9, 0.8, math.nan, 0.7, 0.6, 0.75, 0.85, 0.65, 0.95]
+    b = [0.5, 0.6, 0.7, math.nan, 0.55, 0.5, 0.6, 0.7, 0.4]
+    keep = [i for i in range(len(a)) if not (math.isnan(a[i]) or math.isnan(b[i]))]
+    ref = scipy.stats.wilcoxon([a[i] for i in keep], [b[i] for i in keep])
+    ours = paired_wilcoxon(a, b)
+    assert ours.n == len(keep) == 7 and ours.p == pytest.approx(ref.pvalue)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "reason"),
+    [
+        ([], [], "no pairs"),
+        ([0.5, 0.6, 0.7], [0.5, 0.6, 0.7], "all 3 differences are zero"),
+        ([0.9, 0.8, 0.7, 0.1], [0.5, 0.5, 0.5, 0.1], "only 3 non-zero differences"),
+    ],
+)
+def test_wilcoxon_degenerate_cases_give_no_p_value_and_say_why(a, b, reason):
+    res = paired_wilcoxon(a, b)
+    assert res.p is None and res.statistic is None
+    assert reason in res.reason and res.format_p().startswith("p n/a (")
+
+
+def test_wilcoxon_needs_enough_nonzero_pairs_to_reach_005():
+    a = np.arange(1, MIN_NONZERO_PAIRS + 1) / 10
+    res = paired_wilcoxon(a, np.zeros_like(a))
+    assert res.p == pytest.approx(scipy.stats.wilcoxon(a, np.zeros_like(a)).pvalue) and res.p < 0.05
+    with pytest.raises(ValueError, match="equal length"):
+        paired_wilcoxon([1.0, 2.0], [1.0])
+
+
+def _rows(strategy, fraction, seed, per_case):
+    """per_case: {case: {organ: dice}} -> benchmark case rows."""
+    return [
+        {
+            "strategy": strategy,
+            "fraction": fraction,
+            "seed": seed,
+            "dataset": "T",
+            "case": case,
+            "organ": organ,
+            "dice": dice,
+            "hd95": 1.0,
+        }
+        for case, organs in per_case.items()
+        for organ, dice in organs.items()
+    ]
+
+
+@pytest.fixture
+def hand_rows():
+    rows = []
+    # random at 0.5: seed 0 organ means liver 0.5, spleen 0.3 -> 0.4; seed 1 -> 0.6
+    rows += _rows(
+        "random", 0.5, 0, {"c1": {"liver": 0.4, "spleen": 0.2}, "c2": {"liver": 0.6, "spleen": 0.4}}
+    )
+    rows += _rows(
+        "random", 0.5, 1, {"c1": {"liver": 0.6, "spleen": 0.6}, "c2": {"liver": 0.6, "spleen": 0.6}}
+    )
+    # mosmos at 0.5: seed 0 -> 0.7, seed 1 -> 0.5
+    rows += _rows(
+        "mosmos", 0.5, 0, {"c1": {"liver": 0.8, "spleen": 0.6}, "c2": {"liver": 0.8, "spleen": 0.6}}
+    )
+    rows += _rows(
+        "mosmos", 0.5, 1, {"c1": {"liver": 0.5, "spleen": 0.5}, "c2": {"liver": 0.5, "spleen": 0.5}}
+    )
+    # at 1.0 one seed each: random 0.9, mosmos 0.8
+    rows += _rows("random", 1.0, 0, {"c1": {"liver": 0.9, "spleen": 0.9}})
+    rows += _rows("mosmos", 1.0, 0, {"c1": {"liver": 0.8, "spleen": 0.8}})
+    return rows
+
+
+def test_mean_std_table_and_best_marking_on_a_hand_made_frame(hand_rows):
+    means = cell_means(hand_rows)
+    assert means[("random", 0.5, 0)] == pytest.approx(0.4) and means[("mosmos", 0.5, 0)] == pytest.approx(0.7)
+    table = mean_std_table(hand_rows)
+    assert table[("random", 0.5)].mean == pytest.approx(0.5)
+    assert table[("random", 0.5)].std == pytest.approx(np.std([0.4, 0.6], ddof=1))
+    assert table[("mosmos", 0.5)].mean == pytest.approx(0.6) and table[("mosmos", 0.5)].n_seeds == 2
+    assert math.isnan(table[("mosmos", 1.0)].std)
+    text = format_mean_std_table(table, ["random", "mosmos", "tags_only"], [0.5, 1.0])
+    lines = text.splitlines()
+    assert lines[0] == "| strategy | fraction 0.5 | fraction 1 |"
+    assert lines[2] == "| random | 0.500 ± 0.141 (2) | **0.900** (1) |"
+    assert lines[3] == "| mosmos | **0.600 ± 0.141** (2) | 0.800 (1) |"
+    assert lines[4] == "| tags_only | - | - |"
+
+
+def test_paired_dice_pairs_the_same_case_organ_and_seed(hand_rows):
+    a, b = paired_dice(hand_rows, "mosmos", "random", 0.5)
+    assert len(a) == len(b) == 8
+    assert sorted(np.round(np.subtract(a, b), 6)) == sorted([0.4, 0.4, 0.2, 0.2, -0.1, -0.1, -0.1, -0.1])
+    a, b = paired_dice(hand_rows, "mosmos", "random", 1.0)
+    assert (a, b) == ([0.8, 0.8], [0.9, 0.9])
+
+
+# ------------------------------------------------------------------------------ grid bookkeeping
+@pytest.fixture
+def bench_dirs(tmp_path):
+    """Empty stand-ins for the datasets: enough for planning (the runners are faked)."""
+    for name in ("target", "test", "other"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def _config(root, **overrides) -> BenchmarkConfig:
+    base = {
+        "output_dir": str(root / "bench"),
+        "data.target": str(root / "target"),
+        "data.test": str(root / "test"),
+        "data.pretrain_table": str(root / "reports.csv"),
+        "data.other_datasets": f"[{root / 'other'}]",
+        "strategies": "[random]",
+        "fractions": "[0.5, 1.0]",
+        "seeds": "[0, 1]",
+        "pretrain_config": str(REPO / "configs/pretrain/demo.yaml"),
+        "finetune_config": str(REPO / "configs/finetune/demo.yaml"),
+        "finetune_overrides": "[train.epochs=2]",
+    }
+    base.update(overrides)
+    return load_config(BenchmarkConfig, None, [f"{k}={v}" for k, v in base.items()])
+
+
+@pytest.fixture
+def fake_runners(monkeypatch):
+    """Replace training with fakes that write what the real ones write; count the calls."""
+    calls = {"cells": [], "variants": []}
+
+    def fake_cell(cell, cfg):
+        calls["cells"].append((cell.strategy, cell.fraction, cell.seed))
+        rows = ["dataset,case,organ,dice,hd95,gt_voxels,pred_voxels"]
+        for case in ("c1", "c2", "c3"):
+            for organ in ("kidney_left", "kidney_right"):
+                dice = 0.5 + 0.1 * cell.seed + 0.05 * len(case) * cell.fraction
+                rows.append(f"Test,{case},{organ},{dice},3.0,10,10")
+        (cell.dir / "test").mkdir(parents=True, exist_ok=True)
+        (cell.dir / "test" / "cases.csv").write_text("\n".join(rows) + "\n")
+        return {"train_seconds": 1.5, "steps": 8, "epochs": 2, "best_epoch": 2}
+
+    def fake_variant(variant):
+        calls["variants"].append(variant.dir.name)
+        variant.dir.mkdir(parents=True, exist_ok=True)
+        (variant.dir / "encoder.safetensors").write_bytes(b"fake")
+        (variant.dir / "encoder.json").write_text('{"format": "mosmos-encoder-v1"}')
+
+    monkeypatch.setattr(benchmark, "train_and_evaluate", fake_cell)
+    monkeypatch.setattr(benchmark, "run_variant", fake_variant)
+    return calls
+
+
+def test_finished_cells_are_skipped_and_unfinished_ones_rerun(bench_dirs, fake_runners):
+    cfg = _config(bench_dirs)
+    summary = run_benchmark(cfg)
+    assert len(fake_runners["cells"]) == 4 and summary.name == "summary.md"
+    out = bench_dirs / "bench"
+    done = json.loads((out / "runs/random/f0.5_s1/DONE.json").read_text())
+    assert done["train_seconds"] == 1.5 and done["seed"] == 1 and done["config_hash"]
+    run_benchmark(cfg)
+    assert len(fake_runners["cells"]) == 4  # the second call ran nothing
+    (out / "runs/random/f1_s0/DONE.json").unlink()  # e.g. killed during its test evaluation
+    run_benchmark(cfg)
+    assert fake_runners["cells"][4:] == [("random", 1.0, 0)]
+    with (out / "results.csv").open() as fh:
+        results = list(csv.DictReader(fh))
+    assert len(results) == 4 * 2 and set(results[0]) >= {
+        "strategy",
+        "fraction",
+        "seed",
+        "organ",
+        "dice",
+        "hd95",
+    }
+    with (out / "cases.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4 * 3 * 2
+    for name in ("summary.md", "config.yaml", "versions.json", "dice_vs_fraction.png", "organ_dice_f0.5.png"):
+        assert (out / name).is_file(), name
+
+
+def test_a_failing_cell_keeps_the_report_of_the_finished_ones(bench_dirs, fake_runners, monkeypatch):
+    real = benchmark.train_and_evaluate
+
+    def crash_on_third(cell, cfg):
+        if len(fake_runners["cells"]) == 2:
+            raise KeyboardInterrupt
+        return real(cell, cfg)
+
+    monkeypatch.setattr(benchmark, "train_and_evaluate", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(_config(bench_dirs))
+    summary = (bench_dirs / "bench" / "summary.md").read_text()
+    assert "2 of 4 cells finished" in summary
+    assert not (bench_dirs / "bench" / "runs/random/f1_s0/DONE.json").exists()
+
+
+def test_the_benchmark_verb_has_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(["benchmark", "--help"])
+    assert exc.value.code == 0 and "--config" in capsys.readouterr().out
+
+
+def test_a_changed_finetune_config_does_not_mix_with_finished_cells(bench_dirs, fake_runners):
+    run_benchmark(_config(bench_dirs, seeds="[0]"))
+    with pytest.raises(ConfigError, match="different configuration") as exc:
+        run_benchmark(_config(bench_dirs, seeds="[0]", finetune_overrides="[train.epochs=3]"))
+    assert "f0.5_s0" in str(exc.value)
+    assert len(fake_runners["cells"]) == 2
+
+
+def test_pretraining_variants_are_keyed_by_their_config_hash(bench_dirs, fake_runners):
+    cfg = _config(bench_dirs, strategies="[mosmos, shuffled_tags, mosmos+attention]", seeds="[0]")
+    plan = make_plan(cfg)
+    assert sorted(plan.variants) == ["mosmos", "shuffled_tags"]  # mosmos+attention reuses mosmos
+    mosmos, shuffled = plan.variants["mosmos"], plan.variants["shuffled_tags"]
+    assert mosmos.dir.name.startswith("mosmos-") and mosmos.dir.parent == bench_dirs / "bench" / "pretrain"
+    assert shuffled.config.data.shuffle_reports and not mosmos.config.data.shuffle_reports
+    assert mosmos.config.train.resume == "latest" and mosmos.config.seed == cfg.seed
+    assert mosmos.config.data.table == str(bench_dirs / "reports.csv")
+    attention = [c for c in plan.cells if c.strategy == "mosmos+attention"]
+    assert all(c.config.model.attention_maps and c.config.model.init == str(mosmos.dir) for c in attention)
+    assert make_plan(cfg).variants["mosmos"].dir == mosmos.dir  # same config, same folder
+
+    run_benchmark(cfg)
+    assert sorted(fake_runners["variants"]) == sorted([mosmos.dir.name, shuffled.dir.name])
+    run_benchmark(_config(bench_dirs, strategies="[mosmos]", seeds="[0, 1]"))  # new cells, same variant
+    assert len(fake_runners["variants"]) == 2 and len(fake_runners["cells"]) == 6 + 2
+
+    changed = _config(bench_dirs, strategies="[mosmos]", seeds="[0]", pretrain_overrides="[train.epochs=2]")
+    new_dir = make_plan(changed).variants["mosmos"].dir
+    assert new_dir != mosmos.dir and new_dir.name.startswith("mosmos-")
+    # its cells were trained from the old encoder: reusing them would be wrong
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_benchmark(changed)
+    run_benchmark(_config(bench_dirs, output_dir=bench_dirs / "bench2", strategies="[mosmos]", seeds="[0]"))
+    assert len(fake_runners["variants"]) == 3  # a new benchmark folder: the variant is trained there
+
+
+def test_stage1_ablations_switch_off_their_terms(bench_dirs):
+    cfg = _config(bench_dirs, strategies="[contrastive_only, tags_only]", seeds="[0]")
+    variants = make_plan(cfg).variants
+    c, t = variants["contrastive_only"].config.train, variants["tags_only"].config.train
+    assert (c.tag_weight, c.embedding_tag_weight, c.pooled_tag_weight) == (
+        0,
+        0,
+        0,
+    ) and c.contrastive_weight > 0
+    assert (t.contrastive_weight, t.embedding_tag_weight) == (0, 0) and t.tag_weight > 0
+
+
+def test_bad_strategies_and_paths_fail_before_any_work(bench_dirs, fake_runners):
+    with pytest.raises(ConfigError, match=r"unknown strategy 'imagenet'.*checkpoint:PATH"):
+        _config(bench_dirs, strategies="[random, imagenet]")
+    with pytest.raises(ConfigError, match="nope"):
+        run_benchmark(_config(bench_dirs, strategies=f"[random, 'checkpoint:{bench_dirs / 'nope'}']"))
+    with pytest.raises(ConfigError, match=r"data\.target"):
+        run_benchmark(_config(bench_dirs, **{"data.target": bench_dirs / "missing"}))
+    with pytest.raises(ConfigError, match="early_stopping_patience"):
+        _config(bench_dirs, **{"train.early_stopping_patience": 5})
+    with pytest.raises(ConfigError, match="finetune_overrides"):
+        make_plan(_config(bench_dirs, finetune_overrides="[train.epoch=2]"))
+    assert fake_runners["cells"] == [] and not (bench_dirs / "bench" / "runs").exists()
+
+
+# ------------------------------------------------------------------------- a tiny real grid
+def test_a_tiny_grid_end_to_end_then_a_second_call_skips_it(tiny_synth, tmp_path, monkeypatch):
+    raw = tiny_synth / RAW
+    out = tmp_path / "bench"
+    pretrain = tiny_pretrain_overrides(
+        tiny_synth,
+        tmp_path / "unused",
+        **{"train.epochs": 1, "train.deterministic": "false", "eval.attention_overlays": 0},
+    )
+    skip = ("output_dir=", "data.table=", "data.image_root=", "data.ground_truth=", "data.cache_dir=")
+    yaml_list = lambda items: json.dumps([i for i in items if not i.startswith(skip)])  # noqa: E731
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        "\n".join(
+            [
+                f"output_dir: {out}",
+                "seed: 0",
+                "data:",
+                f"  target: {raw / 'Dataset012_KidneyB'}",
+                f"  test: {raw / 'Dataset099_SynthTest'}",
+                f"  pretrain_table: {tiny_synth / 'pretrain' / 'reports.csv'}",
+                f"  pretrain_image_root: {tiny_synth / 'pretrain' / 'images'}",
+                f"  pretrain_ground_truth: {tiny_synth / 'pretrain' / 'ground_truth'}",
+                f"  other_datasets: [{raw / 'Dataset011_AbdomenA'}, {raw / 'Dataset013_VesselsC'}]",
+                "strategies: [random, mosmos, multidataset]",
+                "fractions: [1.0]",
+                "seeds: [0]",
+                f"pretrain_config: {REPO / 'configs/pretrain/demo.yaml'}",
+                f"pretrain_overrides: {yaml_list(pretrain)}",
+                f"finetune_config: {REPO / 'configs/finetune/demo.yaml'}",
+                f"finetune_overrides: {json.dumps(TINY_FINETUNE)}",
+            ]
+        )
+        + "\n"
+    )
+    assert cli(["benchmark", "--config", str(config)]) == 0
+    for name in ("results.csv", "cases.csv", "summary.md", "dice_vs_fraction.png", "organ_dice_f1.png"):
+        assert (out / name).is_file(), name
+    for strategy in ("random", "mosmos", "multidataset"):
+        done = json.loads((out / "runs" / strategy / "f1_s0" / "DONE.json").read_text())
+        assert done["steps"] == 2 and done["train_seconds"] > 0
+        assert (out / "runs" / strategy / "f1_s0" / "test" / "cases.csv").is_file()
+    md = next((out / "pretrain").glob("multidataset-*"))
+    export = json.loads((md / "encoder.json").read_text())
+    assert export["format"] == "mosmos-encoder-v1" and export["feature_strides"]
+    assert export["encoder_kwargs"]["channels"] == [8, 16, 16, 16] and export["tag_attention"] is None
+    assert export["preprocess"]["spacing"] == [10.0, 10.0, 14.0]
+    with (out / "results.csv").open() as fh:
+        results = list(csv.DictReader(fh))
+    target_organs = json.loads((out / "runs/random/f1_s0/model.json").read_text())["organs"]
+    organs = {r["organ"] for r in results}
+    assert organs <= set(target_organs) and "liver" not in organs  # only what KidneyB labels is scored
+    assert len(results) == 3 * len(organs) and all(0 <= float(r["dice"]) <= 1 for r in results)
+    summary = (out / "summary.md").read_text()
+    assert "fixed budget" in summary and "at fraction 1, mosmos vs random" in summary
+    assert "p n/a" in summary  # one test case and seed: too few pairs for a p-value
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished benchmark must not train again")
+
+    monkeypatch.setattr(benchmark, "train_and_evaluate", fail)
+    monkeypatch.setattr(benchmark, "run_variant", fail)
+    (out / "summary.md").unlink()
+    assert cli(["benchmark", "--config", str(config)]) == 0
+    assert (out / "summary.md").read_text() == summary
