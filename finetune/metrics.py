@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,12 @@ def _organ_scores(
     dice = float(compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0, 0])
     if not (p_any and g_any) or not hd95:
         return dice, math.nan
-    distance = compute_hausdorff_distance(
-        y_pred, y, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
-    )
+    with warnings.catch_warnings():
+        # MONAI 1.5 calls its own deprecated get_mask_edges(always_return_as_numpy=...) internally
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        distance = compute_hausdorff_distance(
+            y_pred, y, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
+        )
     return dice, float(distance[0, 0])
 
 

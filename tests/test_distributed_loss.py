@@ -63,7 +63,7 @@ def reference_step(loss_fn, image, text):
 
 def test_clip_loss_gathers_the_global_batch_with_gradients(tmp_path):
     mp.spawn(worker, args=(f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     batches = global_batches()
 
     # (a) Each rank's loss is its rows against every column of the global batch ...
