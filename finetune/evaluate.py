@@ -102,17 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="stage 2 run directory")
+    from finetune.predict import add_inference_arguments
+
+    add_inference_arguments(parser)
     parser.add_argument("--data", required=True, help="dataset folder (nnU-Net / MSD) or datalist JSON")
     parser.add_argument(
         "--output", help="where metrics.json and cases.csv go (default: MODEL/eval_<dataset>)"
     )
-    parser.add_argument(
-        "--task", help="condition every organ on this task (default: per organ, a task that labels it)"
-    )
     parser.add_argument("--vocabulary", help="organ vocabulary YAML (default: configs/organs.yaml)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
 
 
 def run_from_args(args: argparse.Namespace) -> dict:

@@ -101,16 +101,21 @@ def predict(
     return written
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``mosmos evaluate`` and ``mosmos predict`` share."""
     parser.add_argument("--model", required=True, help="stage 2 run directory")
-    parser.add_argument("--input", required=True, help="a NIfTI volume or a folder of them")
-    parser.add_argument("--output", required=True, help="folder for the label maps")
     parser.add_argument(
         "--task", help="condition every organ on this task (default: per organ, a task that labels it)"
     )
-    parser.add_argument("--probabilities", action="store_true", help="also write per-organ probabilities")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_inference_arguments(parser)
+    parser.add_argument("--input", required=True, help="a NIfTI volume or a folder of them")
+    parser.add_argument("--output", required=True, help="folder for the label maps")
+    parser.add_argument("--probabilities", action="store_true", help="also write per-organ probabilities")
 
 
 def run_from_args(args: argparse.Namespace) -> list[Path]:

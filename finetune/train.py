@@ -18,9 +18,9 @@ import torch
 from finetune.config import FinetuneConfig
 from finetune.data import SegData, build_seg_data, build_train_dataset, resolve_preprocess
 from finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
-from mosmos.config import dump_config, load_config
+from mosmos.config import load_config
 from mosmos.errors import ConfigError, DataError
-from mosmos.io import atomic_write_text, library_versions, write_json
+from mosmos.io import write_json
 from mosmos.vocabulary import load_vocabulary
 
 logger = logging.getLogger("mosmos")
@@ -172,18 +172,11 @@ class FinetuneTask:
 
 def run(cfg: FinetuneConfig) -> dict:
     """Train stage 2 as configured; returns the best validation metrics."""
-    from accelerate.utils import set_seed
-
     from finetune.metrics import format_dice_table, read_case_csv, summarize
-    from mosmos.engine import Engine
+    from mosmos.engine import Engine, start_run
 
     output_dir = Path(cfg.output_dir)
-    set_seed(cfg.seed)
-    accelerator = Engine.make_accelerator(cfg.train, output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output_dir / "config.yaml", dump_config(cfg))
-        write_json(output_dir / "versions.json", library_versions())
+    accelerator = start_run(cfg, cfg.train)
     task = FinetuneTask(cfg, accelerator)
     engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=accelerator)
     history = engine.fit()

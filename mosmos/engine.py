@@ -180,6 +180,24 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def start_run(cfg: Any, train: TrainConfig):
+    """Seed, create the Accelerator and, on the main process, the run directory with the resolved
+    config and library versions (what every stage writes before training). Returns the Accelerator."""
+    from accelerate.utils import set_seed
+
+    from mosmos.config import dump_config
+    from mosmos.io import atomic_write_text, library_versions
+
+    output_dir = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    accelerator = Engine.make_accelerator(train, output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "config.yaml", dump_config(cfg))
+        write_json(output_dir / "versions.json", library_versions())
+    return accelerator
+
+
 class Engine:
     """Runs a :class:`Task` under an ``accelerate.Accelerator``."""
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mosmos.config import dump_config, load_config
-from mosmos.io import atomic_write_text, library_versions, write_json
+from mosmos.config import load_config
+from mosmos.io import write_json
 from mosmos.vocabulary import Vocabulary, load_vocabulary
 from pretrain.config import PretrainConfig
 
@@ -191,17 +191,10 @@ def export(task: PretrainTask, objective, output_dir: Path) -> None:
 
 def run(cfg: PretrainConfig) -> dict:
     """Train stage 1 as configured; returns the final validation metrics."""
-    from accelerate.utils import set_seed
-
-    from mosmos.engine import Engine
+    from mosmos.engine import Engine, start_run
 
     output_dir = Path(cfg.output_dir)
-    set_seed(cfg.seed)
-    engine_probe = Engine.make_accelerator(cfg.train, output_dir)
-    if engine_probe.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output_dir / "config.yaml", dump_config(cfg))
-        write_json(output_dir / "versions.json", library_versions())
+    engine_probe = start_run(cfg, cfg.train)
     task = PretrainTask(cfg, engine_probe)
     engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=engine_probe)
     history = engine.fit()
