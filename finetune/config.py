@@ -37,6 +37,12 @@ class FinetuneData:
     samples_per_epoch: int | None = None  # patches per epoch (default: the number of training cases)
     augment: bool = True  # random affine / intensity augmentation of training patches
     cache_dir: str | None = None  # preprocessed-volume cache (default: OUTPUT_DIR/../.cache/finetune)
+    # the start-up checks of every case used (see `mosmos check`): "full" reads the voxels too (NaN/inf,
+    # label values, truncated files; results cached per file), "header" only headers, "none" skips them
+    check: Literal["full", "header", "none"] = "full"
+    # a case that fails them: "error" stops before training and lists every problem; "skip" leaves it
+    # out and records it in RUN/skipped.csv
+    on_bad_case: Literal["error", "skip"] = "error"
 
     def validate(self) -> None:
         if not 0 < self.fraction <= 1:

@@ -62,6 +62,7 @@ class SegData:
     train: list[tuple[SegCase, int]] = field(default_factory=list)  # (case, task index)
     val: list[tuple[SegCase, int]] = field(default_factory=list)
     preprocess: PreprocessConfig | None = None
+    skipped: list[Any] = field(default_factory=list)  # Problems of the cases left out (on_bad_case=skip)
 
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
@@ -105,8 +106,11 @@ def _split(cases: list[SegCase], val_fraction: float, fraction: float, seed: int
 
 def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
     """Read every configured dataset, map its labels, split and subset it."""
+    from mosmos.check import dataset_case_files, start_up_checks
+
     datasets: list[SegDataset] = []
     names_seen: dict[str, str] = {}
+    listing: list = []  # per-case problems met while listing (missing files, duplicate ids ...)
     for path in cfg.data.datasets:
         # the per-dataset options are keyed by the dataset's name (nnU-Net folder name, MSD name, ...)
         name = seg_dataset_name(path)
@@ -116,6 +120,7 @@ def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
             label_map=cfg.data.label_map.get(name),
             ignore=cfg.data.ignore_labels.get(name),
             labels=cfg.data.labels.get(name),
+            problems=listing,
         )
         if ds.name in names_seen:
             raise ConfigError(
@@ -148,6 +153,37 @@ def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
         )
         data.train += [(c, ti) for c in train]
         data.val += [(c, ti) for c in val]
+    # the checks run on the cases this run uses, after the split, so a bad case never moves a good one
+    # to the other side of the split
+    cache_dir = (
+        Path(cfg.data.cache_dir)
+        if cfg.data.cache_dir
+        else Path(cfg.output_dir).parent / ".cache" / "finetune"
+    )
+    used = [f for c, ti in data.train + data.val for f in dataset_case_files(data.tasks[ti].dataset, [c])]
+    bad, problems = start_up_checks(
+        used,
+        listing,
+        mode=cfg.data.check,
+        on_bad_case=cfg.data.on_bad_case,
+        what="data.datasets",
+        cache_path=cache_dir / "checks.json",
+    )
+    if bad:
+        data.train = [(c, t) for c, t in data.train if (c.dataset, c.case_id) not in bad]
+        data.val = [(c, t) for c, t in data.val if (c.dataset, c.case_id) not in bad]
+        data.skipped = [p for p in problems if p.severity == "error"]
+        logger.warning(
+            "skipping %d case(s) with problems (data.on_bad_case=skip); see RUN/skipped.csv", len(bad)
+        )
+        for task in data.tasks:
+            n_train = sum(t == task.index for _, t in data.train)
+            n_val = sum(t == task.index for _, t in data.val)
+            if not n_train or not n_val:
+                raise DataError(
+                    f"dataset {task.name}: {n_train} training and {n_val} validation case(s) left after "
+                    "skipping bad cases; at least one of each is needed"
+                )
     return data
 
 

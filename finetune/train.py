@@ -18,8 +18,8 @@ import torch
 from finetune.config import FinetuneConfig
 from finetune.data import SegData, build_seg_data, build_train_dataset, resolve_preprocess
 from finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
-from mosmos.config import load_config
-from mosmos.errors import ConfigError, DataError
+from mosmos.config import check_divisible, load_config
+from mosmos.errors import DataError
 from mosmos.io import write_json
 from mosmos.vocabulary import load_vocabulary
 
@@ -70,7 +70,12 @@ class FinetuneTask:
         encoder_json = None
         if cfg.model.init != "random":
             encoder_json, _ = read_encoder_export(cfg.model.init)
-        self.data = build_seg_data(cfg, vocab)
+        with accelerator.main_process_first():  # the others then read the main process's check cache
+            self.data = build_seg_data(cfg, vocab)
+        if accelerator.is_main_process and cfg.data.on_bad_case == "skip":
+            from mosmos.check import write_problems_csv
+
+            write_problems_csv(self.output_dir / "skipped.csv", self.data.skipped)
         self.data.preprocess = resolve_preprocess(cfg, encoder_json)
         self.model, report = build_segmenter(
             cfg.model.name,
@@ -83,12 +88,12 @@ class FinetuneTask:
             decoder_kwargs=cfg.model.decoder_kwargs,
             img_size=tuple(cfg.data.patch_size),
         )
-        stride = max(self.model.encoder.feature_strides)
-        if any(p % stride for p in cfg.data.patch_size):
-            raise ConfigError(
-                f"data.patch_size={cfg.data.patch_size} must be divisible by the encoder's total stride "
-                f"{stride} on every axis"
-            )
+        check_divisible(
+            "data.patch_size",
+            cfg.data.patch_size,
+            max(self.model.encoder.feature_strides),
+            "the encoder's total stride",
+        )
         if report is not None:
             accelerator.print(report.format())
         self.train_dataset = build_train_dataset(cfg, self.data, self.output_dir)

@@ -39,6 +39,19 @@ def _tags(sub) -> None:
     p.set_defaults(func=tags_cli.run)
 
 
+def _check(sub) -> None:
+    from mosmos import check_cli
+
+    p = sub.add_parser(
+        "check",
+        help="find every problem in report tables and segmentation datasets before training",
+        description=check_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check_cli.add_arguments(p)
+    p.set_defaults(func=check_cli.run)
+
+
 def _pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="stage 1: report-supervised pretraining (MOSMOS)")
     _add_run_arguments(p)
@@ -142,7 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_synth, _tags, _pretrain, _finetune, _evaluate, _predict, _benchmark, _models, _demo):
+    for register in (
+        _synth,
+        _check,
+        _tags,
+        _pretrain,
+        _finetune,
+        _evaluate,
+        _predict,
+        _benchmark,
+        _models,
+        _demo,
+    ):
         register(sub)
     return parser
 

@@ -201,3 +201,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def dump_config(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def check_divisible(key: str, size: list[int] | tuple[int, ...], stride: int, why: str) -> None:
+    """Raise a :class:`ConfigError` naming the nearest valid sizes unless every axis of ``size`` is a
+    multiple of ``stride`` (the network's total downsampling)."""
+    if all(int(s) % stride == 0 for s in size):
+        return
+    down = [max(stride, int(s) // stride * stride) for s in size]
+    up = [-(-int(s) // stride) * stride for s in size]
+    raise ConfigError(
+        f"{key}={list(size)} must be divisible by {stride} on every axis ({why}); "
+        f"nearest valid sizes: {down} or {up}"
+    )

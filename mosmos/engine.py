@@ -173,6 +173,14 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), reverse=True)
 
 
+def _scheduler_state(scheduler) -> dict:
+    # LambdaLR stores its lambdas as None (they are plain functions); the rest is numbers, which JSON
+    # holds exactly.
+    state = scheduler.state_dict()
+    json.dumps(state)  # fails loudly here, not at resume, if a scheduler ever holds something else
+    return state
+
+
 def _fsync_tree(path: Path) -> None:
     for f in path.rglob("*"):
         if f.is_file():
@@ -264,7 +272,9 @@ class Engine:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.scheduler = _cosine_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
-        acc.register_for_checkpointing(self.scheduler)
+        # The scheduler's state goes into trainer_state.json, not accelerate's register_for_checkpointing:
+        # accelerate reads registered objects back with torch.load(weights_only=False), which would run
+        # whatever a tampered checkpoint pickled. Everything else it loads is safetensors or weights_only.
 
     # ---------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -284,6 +294,7 @@ class Engine:
                 "batches_done": self.batches_done,
                 "history": self.history,
                 "seed": self.seed,
+                "scheduler": _scheduler_state(self.scheduler),
             }
             (tmp / STATE_FILE).write_text(json.dumps(state))
             (tmp / COMPLETE_MARKER).write_text("ok\n")
@@ -324,6 +335,8 @@ class Engine:
             self.epoch = state["epoch"]
             self.batches_done = state["batches_done"]
             self.history = state.get("history", [])
+            if "scheduler" in state:
+                self.scheduler.load_state_dict(state["scheduler"])
             self.accelerator.print(f"resumed from {ckpt} at step {self.global_step} (epoch {self.epoch})")
             return True
         if self.cfg.resume and self.cfg.resume != "latest":
@@ -333,8 +346,33 @@ class Engine:
         return False
 
     # ----------------------------------------------------------------- loop
-    def _on_sigint(self, signum, frame) -> None:  # Ctrl-C: finish the step, save, stop cleanly
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """True on every process when ``value`` is finite on every process (all take the same branch)."""
+        flag = torch.isfinite(value).all().float().reshape(1).to(self.accelerator.device)
+        return self.accelerator.reduce(flag, "min").item() > 0
+
+    def _gradients_finite(self) -> bool:
+        """Clip (when configured) and tell whether the gradient norm is finite. Under fp16 the GradScaler
+        owns this check (it skips inf steps and lowers its scale), so it is never counted as a fault."""
+        acc, cfg = self.accelerator, self.cfg
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.clip_grad:
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        elif params:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        else:
+            return True
+        if acc.scaler is not None or norm is None:  # None: a backend (DeepSpeed) that clips internally
+            return True
+        return self._all_finite(torch.as_tensor(norm).detach())
+
+    def _on_sigint(self, signum, frame) -> None:
+        # First Ctrl-C: finish the current step, save a checkpoint, stop cleanly. A second one stops
+        # at once (the last complete checkpoint stays usable: saves are atomic).
+        if self.interrupted:
+            raise KeyboardInterrupt
         self.interrupted = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True)
 
     def _evaluate(self) -> None:
         acc = self.accelerator
@@ -387,27 +425,36 @@ class Engine:
                     with acc.accumulate(self.model):
                         losses = self.task.step(self.model, batch)
                         loss = losses["loss"]
-                        finite = (
-                            acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item() > 0
-                        )
-                        if finite:
+                        fault = None if self._all_finite(loss.detach()) else "loss"
+                        if fault is None:
                             acc.backward(loss)
-                            if acc.sync_gradients and cfg.clip_grad:
-                                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                            if acc.sync_gradients and not self._gradients_finite():
+                                fault = "gradient"
+                        if fault is None:
                             self.optimizer.step()  # accelerate skips it between accumulation steps
                             if acc.sync_gradients:
                                 self.scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     self.batches_done += 1
-                    if not finite:
+                    if fault is not None:
                         bad_steps += 1
-                        acc.print(f"warning: non-finite loss at step {self.global_step}; step skipped")
+                        if acc.is_main_process:
+                            logger.warning(
+                                "non-finite %s at step %d (epoch %d, batch %d); step skipped (%d in a row)",
+                                fault,
+                                self.global_step + 1,
+                                self.epoch,
+                                self.batches_done,
+                                bad_steps,
+                            )
                         if bad_steps >= cfg.max_bad_steps:
                             path = self.save_checkpoint()
                             raise MosmosError(
-                                f"{bad_steps} consecutive non-finite losses at step {self.global_step}: "
-                                f"the learning rate (train.lr={cfg.lr}) is likely too high or the precision "
-                                f"(train.mixed_precision={cfg.mixed_precision}) too low; last good state in {path}"
+                                f"{bad_steps} consecutive non-finite losses or gradients at step "
+                                f"{self.global_step + 1}: the learning rate (train.lr={cfg.lr}) is likely too "
+                                f"high or the precision (train.mixed_precision={cfg.mixed_precision}) too low, "
+                                f"or the data holds NaN/inf (run `mosmos check`); the last good state is "
+                                f"saved in {path}"
                             )
                         continue
                     bad_steps = 0

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mosmos.errors import ConfigError, DataError
+from mosmos.errors import ConfigError, DataError, Problem
 from mosmos.vocabulary import Vocabulary, normalize_label_name
 
 LAYOUTS = ("nnunet", "msd", "datalist")
@@ -382,9 +382,16 @@ def _nnunet_channels(folder: Path, data: dict[str, Any]) -> None:
 
 
 def _nnunet_split(
-    folder: Path, images: str, labels: str, ending: str, name: str, required: bool
+    folder: Path,
+    images: str,
+    labels: str,
+    ending: str,
+    name: str,
+    required: bool,
+    problems: list[Problem] | None = None,
 ) -> list[SegCase]:
-    """Cases of imagesTr/labelsTr (``required``) or imagesTs/labelsTs."""
+    """Cases of imagesTr/labelsTr (``required``) or imagesTs/labelsTs. With ``problems``, images without
+    labels and labels without images are recorded there (and left out) instead of raised."""
     image_dir, label_dir = folder / images, folder / labels
     if not image_dir.is_dir():
         if required:
@@ -435,6 +442,20 @@ def _nnunet_split(
     }
     missing = sorted(str(label_dir / f"{c}{ending}") for c in channels if c not in label_files)
     orphans = sorted(str(f) for c, f in label_files.items() if c not in channels)
+    if problems is not None:
+        for c, ch in sorted(channels.items()):
+            if c not in label_files:
+                problems.append(
+                    Problem(str(ch["0000"]), f"no label map {labels}/{c}{ending} for this image", c, name)
+                )
+        for c, f in sorted(label_files.items()):
+            if c not in channels:
+                problems.append(
+                    Problem(
+                        str(f), f"label map without an image {images}/{c}_0000{ending} (extra file)", c, name
+                    )
+                )
+        missing = orphans = []
     if missing or orphans:
         parts = []
         if missing:
@@ -444,10 +465,16 @@ def _nnunet_split(
                 f"{len(orphans)} label file(s) have no image {images}/CASE_0000{ending}: {_listing(orphans)}"
             )
         raise DataError(f"{folder}: " + "; ".join(parts))
-    return [SegCase(c, str(ch["0000"]), str(label_files[c]), name) for c, ch in sorted(channels.items())]
+    return [
+        SegCase(c, str(ch["0000"]), str(label_files[c]), name)
+        for c, ch in sorted(channels.items())
+        if c in label_files
+    ]
 
 
-def _nnunet_explicit(folder: Path, json_path: Path, data: dict[str, Any], name: str) -> list[SegCase]:
+def _nnunet_explicit(
+    folder: Path, json_path: Path, data: dict[str, Any], name: str, problems: list[Problem] | None = None
+) -> list[SegCase]:
     """Training cases listed in dataset.json's ``dataset`` key (nnU-Net v2's alternative to imagesTr)."""
     listing = data["dataset"]
     if not isinstance(listing, dict) or not listing:
@@ -470,11 +497,39 @@ def _nnunet_explicit(folder: Path, json_path: Path, data: dict[str, Any], name: 
                 str(case), os.path.abspath(folder / images[0]), os.path.abspath(folder / entry["label"]), name
             )
         )
-    return cases
+    return _drop_absent(json_path, cases, folder, problems)
+
+
+def _drop_absent(
+    json_path: Path, cases: list[SegCase], base: Path, problems: list[Problem] | None
+) -> list[SegCase]:
+    """Cases whose listed files all exist; the others raise, or go to ``problems`` when it is given."""
+    kept, absent = [], []
+    for c in cases:
+        gone = [p for p in (c.image, c.label) if p is not None and not os.path.isfile(p)]
+        for p in gone:
+            absent.append(p)
+            if problems is not None:
+                problems.append(
+                    Problem(
+                        p,
+                        f"file listed in {json_path.name} (case {c.case_id!r}) not found",
+                        c.case_id,
+                        c.dataset,
+                    )
+                )
+        if not gone:
+            kept.append(c)
+    if absent and problems is None:
+        raise DataError(
+            f"{json_path}: {len(absent)} listed file(s) not found (paths are relative to {base}): "
+            f"{_listing(absent)}"
+        )
+    return kept
 
 
 def _read_nnunet(
-    root: Path, json_path: Path, data: dict[str, Any], name: str
+    root: Path, json_path: Path, data: dict[str, Any], name: str, problems: list[Problem] | None = None
 ) -> tuple[dict[int, str], list[SegCase], list[SegCase]]:
     folder = json_path.parent
     labels = _nnunet_labels(json_path, data.get("labels"))
@@ -485,12 +540,23 @@ def _read_nnunet(
         )
     _nnunet_channels(folder, data)
     if "dataset" in data:
-        train = _nnunet_explicit(folder, json_path, data, name)
+        train = _nnunet_explicit(folder, json_path, data, name, problems)
     else:
-        train = _nnunet_split(folder, "imagesTr", "labelsTr", ending, name, required=True)
-    test = _nnunet_split(folder, "imagesTs", "labelsTs", ending, name, required=False)
+        train = _nnunet_split(folder, "imagesTr", "labelsTr", ending, name, True, problems)
+    test = _nnunet_split(folder, "imagesTs", "labelsTs", ending, name, False, problems)
     n = data.get("numTraining")
-    if n is not None and n != len(train):
+    if n is not None and problems is not None:
+        found = len(train) + sum(p.case is not None and "labelsTr" in p.message for p in problems)
+        if n != found:
+            problems.append(
+                Problem(
+                    str(json_path),
+                    f"'numTraining' is {n!r} but {found} training case(s) were found",
+                    None,
+                    name,
+                )
+            )
+    elif n is not None and n != len(train):
         raise DataError(
             f"{json_path}: 'numTraining' is {n!r} but {len(train)} training case(s) were found; "
             "fix numTraining or add the missing cases"
@@ -532,7 +598,7 @@ def _list_entries(
 
 
 def _read_list(
-    json_path: Path, data: dict[str, Any], base: Path, name: str
+    json_path: Path, data: dict[str, Any], base: Path, name: str, problems: list[Problem] | None = None
 ) -> tuple[list[SegCase], list[SegCase]]:
     modality = data.get("modality")
     if isinstance(modality, dict) and len(modality) > 1:
@@ -546,23 +612,36 @@ def _read_list(
     if not train:
         raise DataError(f"{json_path}: the 'training' list is empty")
     test = _list_entries(json_path, data, ("test", "testing"), base, name, need_label=False)
-    absent = [p for c in train + test for p in (c.image, c.label) if p is not None and not os.path.isfile(p)]
-    if absent:
-        raise DataError(
-            f"{json_path}: {len(absent)} listed file(s) not found (paths are relative to {base}): "
-            f"{_listing(absent)}"
-        )
-    return train, test
+    if problems is None:
+        _drop_absent(json_path, train + test, base, None)  # raises, listing every absent file
+        return train, test
+    return _drop_absent(json_path, train, base, problems), _drop_absent(json_path, test, base, problems)
 
 
-def _check_duplicates(root: Path, cases: list[SegCase]) -> None:
+def _check_duplicates(root: Path, cases: list[SegCase], problems: list[Problem] | None = None) -> set[int]:
+    """Raise on duplicate case ids, or (with ``problems``) record them and return the positions of the
+    later copies, which the caller drops."""
     seen: dict[str, SegCase] = {}
     dups: list[str] = []
-    for case in cases:
+    later: set[int] = set()
+    for i, case in enumerate(cases):
         if case.case_id in seen:
             dups.append(f"{case.case_id!r} ({seen[case.case_id].image} and {case.image})")
+            later.add(i)
+            if problems is not None:
+                problems.append(
+                    Problem(
+                        case.image,
+                        f"duplicate case id {case.case_id!r} (also {seen[case.case_id].image}); which file is "
+                        "right is ambiguous, so the case is left out",
+                        case.case_id,
+                        case.dataset,
+                    )
+                )
         else:
             seen[case.case_id] = case
+    if problems is not None:
+        return later
     if dups:
         raise DataError(
             f"{root}: duplicate case id(s) {_listing(dups, 3)}; case ids (image file names without the "
@@ -584,13 +663,14 @@ def seg_dataset_name(path: str | Path) -> str:
 
 def read_seg_dataset(
     path: str | Path,
-    vocab: Vocabulary,
+    vocab: Vocabulary | None,
     label_map: dict[str, str] | None = None,
     ignore: list[str] | None = None,
     labels: dict[int, str] | None = None,
     name: str | None = None,
     *,
     base_dir: str | Path | None = None,
+    problems: list[Problem] | None = None,
 ) -> SegDataset:
     """List a segmentation dataset's cases and map its labels to the vocabulary.
 
@@ -598,7 +678,8 @@ def read_seg_dataset(
 
     Args:
         path: an nnU-Net v2 raw dataset folder, an MSD folder, or a dataset.json / datalist JSON file.
-        vocab: the organ vocabulary.
+        vocab: the organ vocabulary; ``None`` lists the cases and labels without mapping them to
+            organs (``label_to_organ`` stays empty; see :func:`map_dataset_labels`).
         label_map: dataset label name -> organ (canonical name, label spelling or synonym); wins over
             the vocabulary's spellings.
         ignore: dataset label names to drop (voxels become background, the organ counts as unlabelled).
@@ -606,6 +687,10 @@ def read_seg_dataset(
         name: the dataset's name (default: nnU-Net folder name, MSD/datalist ``name`` field, or the
             folder / file stem).
         base_dir: folder that MSD / datalist paths are relative to (default: the JSON file's folder).
+        problems: when given, problems that concern single cases (images without labels and labels
+            without images, listed files that do not exist, duplicate case ids, a wrong numTraining) are
+            appended here and the cases left out, instead of raising; ``mosmos check`` and runs with
+            ``data.on_bad_case=skip`` use this. Problems with the dataset as a whole still raise.
 
     Returns:
         The dataset, its cases sorted by case id.
@@ -619,10 +704,10 @@ def read_seg_dataset(
     layout, root, json_path, data, default_name = _open(path)
     ds_name = name or default_name
     if layout == "nnunet":
-        own, train, test = _read_nnunet(root, json_path, data, ds_name)
+        own, train, test = _read_nnunet(root, json_path, data, ds_name, problems)
     else:
         base = Path(base_dir).expanduser().resolve() if base_dir is not None else json_path.parent
-        train, test = _read_list(json_path, data, base, ds_name)
+        train, test = _read_list(json_path, data, base, ds_name, problems)
         own = _id_labels(json_path, data["labels"]) if data.get("labels") is not None else None
     if labels is not None:
         own = _id_labels(f"data.labels.{ds_name}", labels, error=ConfigError)
@@ -636,8 +721,14 @@ def read_seg_dataset(
         raise DataError(f"{json_path}: declares no foreground labels (only background); nothing to segment")
     train.sort(key=lambda c: c.case_id)
     test.sort(key=lambda c: c.case_id)
-    _check_duplicates(root, train + test)
-    label_to_organ, ignored = _map_labels(str(root), ds_name, foreground, vocab, label_map, ignore)
+    later = _check_duplicates(root, train + test, problems)
+    if later:
+        n_train = len(train)
+        train = [c for i, c in enumerate(train) if i not in later]
+        test = [c for i, c in enumerate(test, start=n_train) if i not in later]
+    label_to_organ, ignored = {}, {}
+    if vocab is not None:
+        label_to_organ, ignored = _map_labels(str(root), ds_name, foreground, vocab, label_map, ignore)
     return SegDataset(
         name=ds_name,
         root=str(root),
@@ -647,7 +738,28 @@ def read_seg_dataset(
         ignored=ignored,
         train=train,
         test=test,
-        vocab_order=list(vocab.names),
+        vocab_order=list(vocab.names) if vocab is not None else [],
+    )
+
+
+def map_dataset_labels(
+    dataset: SegDataset,
+    vocab: Vocabulary,
+    label_map: dict[str, str] | None = None,
+    ignore: list[str] | None = None,
+) -> SegDataset:
+    """``dataset`` with its labels mapped to ``vocab`` (for one listed with ``vocab=None``).
+
+    Raises:
+        ConfigError: as :func:`read_seg_dataset` does for labels that map to no organ.
+    """
+    import dataclasses
+
+    label_to_organ, ignored = _map_labels(
+        dataset.root, dataset.name, dataset.labels, vocab, label_map, ignore
+    )
+    return dataclasses.replace(
+        dataset, label_to_organ=label_to_organ, ignored=ignored, vocab_order=list(vocab.names)
     )
 
 

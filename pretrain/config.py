@@ -29,6 +29,12 @@ class PretrainData:
     max_length: int = 256  # report tokens
     shuffle_reports: bool = False  # control experiment: pair every scan with another scan's report
     ground_truth: str | None = None  # folder with findings.json and labels/ (synthetic data: pointing game)
+    # the start-up checks of every case used (see `mosmos check`): "full" reads the voxels too (NaN/inf,
+    # label values, truncated files; results cached per file), "header" only headers, "none" skips them
+    check: Literal["full", "header", "none"] = "full"
+    # a case that fails them: "error" stops before training and lists every problem; "skip" leaves it
+    # out and records it in RUN/skipped.csv
+    on_bad_case: Literal["error", "skip"] = "error"
 
     def validate(self) -> None:
         if len(self.spacing) != 3 or min(self.spacing) <= 0:

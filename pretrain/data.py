@@ -9,8 +9,9 @@ ground-truth organ label maps (for the pointing game) go through the same chain,
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from torch.utils.data import Dataset
 from mosmos.cache import cache_key, cached_dataset
 from mosmos.errors import ConfigError, DataError
 from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_augment, build_preprocess
+
+logger = logging.getLogger("mosmos")
 
 LABEL_KEY = "label"
 
@@ -215,6 +218,7 @@ class PretrainData:
     train_reports: list[str]
     train_tags: np.ndarray
     organ_label_ids: list[int | None] | None
+    skipped: list[Any] = field(default_factory=list)  # Problems of the cases left out (on_bad_case=skip)
 
     @staticmethod
     def make_collator(tokenizer: Any, max_length: int) -> ReportCollator:
@@ -238,11 +242,33 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
     """Read the report table, parse tags, split by seed and build the cached datasets of a
     :class:`pretrain.config.PretrainConfig`. With ``data.shuffle_reports`` every scan is paired with
     another scan's report (and its tags): the shuffled-report control of the benchmark."""
+    from mosmos.check import CaseFiles, start_up_checks
     from pretrain.table import read_report_table
     from pretrain.tags import tag_matrix
 
     d = cfg.data
-    records = read_report_table(d.table, d.image_column, d.report_columns, d.image_root)
+    cache_dir = Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir).parent / ".cache"
+    listing: list = []
+    records = read_report_table(d.table, d.image_column, d.report_columns, d.image_root, problems=listing)
+    bad, problems = start_up_checks(
+        [CaseFiles(r["case_id"], r["image"], dataset=Path(d.table).name) for r in records],
+        listing,
+        mode=d.check,
+        on_bad_case=d.on_bad_case,
+        what=f"data.table={d.table}",
+        cache_path=cache_dir / "checks.json",
+    )
+    records = [r for r in records if (Path(d.table).name, r["case_id"]) not in bad]
+    skipped = [p for p in problems if p.severity == "error"]
+    if skipped:
+        logger.warning(
+            "skipping %d case(s) of %s with problems (data.on_bad_case=skip); %d left; see RUN/skipped.csv",
+            len({p.case for p in skipped}),
+            d.table,
+            len(records),
+        )
+    if len(records) < 2:
+        raise DataError(f"data.table={d.table}: {len(records)} usable case(s) left; at least 2 are needed")
     if d.shuffle_reports:
         perm = np.random.default_rng(cfg.seed + 1).permutation(len(records))
         reports = [records[j]["report"] for j in perm]
@@ -256,7 +282,6 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
         hu_window=tuple(d.hu_window),
         body_threshold_hu=d.body_threshold_hu,
     )
-    cache_dir = Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir).parent / ".cache"
     label_paths, organ_ids = (None, None)
     if d.ground_truth:
         label_paths, organ_ids = _ground_truth(Path(d.ground_truth), records, vocabulary.names)
@@ -278,4 +303,5 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
         train_reports=[records[i]["report"] for i in train_idx],
         train_tags=tags[train_idx],
         organ_label_ids=organ_ids,
+        skipped=skipped,
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import datasets
 
-from mosmos.errors import DataError
+from mosmos.errors import DataError, Problem
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,25 @@ def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value).strip()
+
+
+def _utf8_errors(path: Path, limit: int = 20) -> list[tuple[int, int, int]]:
+    """(1-based line, 1-based byte column, byte) of up to ``limit`` lines that are not valid UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        return []
+    except UnicodeDecodeError:
+        pass
+    out = []
+    for n, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.append((n, e.start + 1, line[e.start]))
+            if len(out) >= limit:
+                break
+    return out
 
 
 def _load(path: Path) -> datasets.Dataset:
@@ -115,6 +134,7 @@ def read_report_table(
     report_columns: Sequence[str] = ("Findings_EN", "Impressions_EN"),
     image_root: str | Path | None = None,
     check_images: bool = True,
+    problems: list[Problem] | None = None,
 ) -> list[dict[str, Any]]:
     """Read an image–report table into a list of records.
 
@@ -126,6 +146,10 @@ def read_report_table(
             values are kept. Bare CT-RATE names (``train_1_a_1.nii.gz``) are also looked up in
             CT-RATE's nested layout (``[train/]train_1/train_1_a/``).
         check_images: raise if any image file does not exist (fail before training, not mid-epoch).
+        problems: when given, problems with single rows (no image value, an empty report, a duplicate
+            case id, an image file not found, a line that is not UTF-8) are appended here and those rows
+            left out instead of raising or warning; ``mosmos check`` and ``data.on_bad_case=skip`` use
+            this. Problems with the table as a whole (unreadable, missing columns) still raise.
 
     Returns:
         One dict per usable row: ``case_id`` (image file name without ``.nii``/``.nii.gz``), ``image``
@@ -143,7 +167,29 @@ def read_report_table(
     report_columns = [report_columns] if isinstance(report_columns, str) else list(report_columns)
     if not report_columns:
         raise DataError(f"{path}: no report columns given")
-    table = _load(path)
+    bad_lines = _utf8_errors(path) if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json") else []
+    if bad_lines and problems is None:
+        where = ", ".join(f"line {n} byte {c} (0x{b:02x})" for n, c, b in bad_lines[:5])
+        raise DataError(
+            f"{path}: not valid UTF-8 at {where}; re-save the table as UTF-8 (run `mosmos check {path}` "
+            "for every bad line)"
+        )
+    if bad_lines:
+        for n, c, b in bad_lines:
+            problems.append(
+                Problem(
+                    str(path),
+                    f"line {n}: byte {c} (0x{b:02x}) is not valid UTF-8; shown as U+FFFD",
+                    None,
+                    path.name,
+                )
+            )
+        with tempfile.TemporaryDirectory(prefix="mosmos-utf8-") as tmp:
+            clean = Path(tmp) / path.name
+            clean.write_text(path.read_bytes().decode("utf-8", errors="replace"), encoding="utf-8")
+            table = _load(clean)
+    else:
+        table = _load(path)
     columns = table.column_names
     missing = [c for c in [image_column, *report_columns] if c not in columns]
     if missing:
@@ -155,15 +201,37 @@ def read_report_table(
     records: list[dict[str, Any]] = []
     no_image: list[int] = []
     no_report: list[int] = []
+    first_row: dict[str, int] = {}
+    duplicates: list[str] = []
+
+    def problem(where: str, message: str, case: str | None) -> None:
+        if problems is not None:
+            problems.append(Problem(where, message, case, path.name))
+
     for row, value in enumerate(images):
         value = _text(value)
         if not value:
             no_image.append(row)
+            problem(str(path), f"row {row}: no image in column {image_column!r}", f"row {row}")
             continue
+        case_id = volume_stem(value)
+        if case_id in first_row:
+            duplicates.append(f"{case_id!r} (rows {first_row[case_id]} and {row})")
+            problem(
+                str(path),
+                f"row {row}: duplicate case id {case_id!r} (also on row {first_row[case_id]}); which row is right "
+                "is ambiguous, so the case is left out",
+                case_id,
+            )
+            continue
+        first_row[case_id] = row
         parts = [(c, _text(texts[c][row])) for c in report_columns]
         parts = [(c, t) for c, t in parts if t]
         if not parts:
             no_report.append(row)
+            problem(
+                str(path), f"row {row} ({value}): the report is empty in column(s) {report_columns}", case_id
+            )
             continue
         if len(report_columns) == 1:
             report = parts[0][1]
@@ -171,8 +239,27 @@ def read_report_table(
             report = "\n".join(f"{section_name(c)}: {t}" for c, t in parts)
         image = Path(value).expanduser()
         image = image if image.is_absolute() else resolve_image_path(value, root)
-        records.append({"case_id": volume_stem(value), "image": str(image), "report": report, "row": row})
+        records.append({"case_id": case_id, "image": str(image), "report": report, "row": row})
 
+    if problems is not None:
+        _identical_reports(path, records, problems)
+        if len(records) > 1 and not any(Path(r["image"]).is_file() for r in records):
+            raise DataError(
+                f"none of the {len(records)} images is under {root} (first: {records[0]['image']}); set "
+                "data.image_root (mosmos check: --image-root) to the folder holding the volumes"
+            )
+        kept = []
+        for r in records:
+            if Path(r["image"]).is_file():
+                kept.append(r)
+            else:
+                problem(r["image"], f"image of row {r['row']} of {path.name} not found", r["case_id"])
+        return kept
+    if duplicates:
+        raise DataError(
+            f"{path}: duplicate case id(s) {duplicates[:5]}{' ...' if len(duplicates) > 5 else ''}; each row "
+            "must name a different volume"
+        )
     if no_image:
         raise DataError(
             f"{path}: {len(no_image)} row(s) have no value in column {image_column!r} "
@@ -197,3 +284,24 @@ def read_report_table(
                 f"(first: {absent[:3]}); set data.image_root to the folder holding the volumes"
             )
     return records
+
+
+def _identical_reports(path: Path, records: list[dict[str, Any]], problems: list[Problem]) -> None:
+    """A warning for every report text shared by several rows (fine for reconstructions of one scan,
+    as in CT-RATE; otherwise often a copy-paste or join error)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        rows.setdefault(r["report"], []).append(r)
+    for group in rows.values():
+        if len(group) > 1:
+            shown = [g["row"] for g in group[:6]]
+            problems.append(
+                Problem(
+                    str(path),
+                    f"rows {shown}{' ...' if len(group) > 6 else ''} ({len(group)} rows) have the identical report "
+                    "text: fine for reconstructions of one scan, otherwise a copy-paste error",
+                    None,
+                    path.name,
+                    "warning",
+                )
+            )

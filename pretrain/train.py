@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mosmos.config import load_config
+from mosmos.config import check_divisible, load_config
 from mosmos.io import write_json
 from mosmos.vocabulary import Vocabulary, load_vocabulary
 from pretrain.config import PretrainConfig
@@ -46,7 +46,19 @@ class PretrainTask:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.vocab = load_vocabulary(cfg.data.vocabulary, cfg.data.organs)
-        data = build_datasets(cfg, self.vocab)
+        # the encoder first: a config it cannot run fails before any data is read
+        image_encoder = create_image_encoder(
+            cfg.model.image_encoder, spatial_dims=3, in_channels=1, **cfg.model.encoder_kwargs
+        )
+        check_divisible(
+            "data.size", cfg.data.size, max(image_encoder.feature_strides), "the image encoder's total stride"
+        )
+        with accelerator.main_process_first():  # the others then read the main process's check cache
+            data = build_datasets(cfg, self.vocab)
+        if accelerator.is_main_process and cfg.data.on_bad_case == "skip":
+            from mosmos.check import write_problems_csv
+
+            write_problems_csv(self.output_dir / "skipped.csv", data.skipped)
         self.train_dataset, self.val_dataset = data.train, data.val
         self.organ_label_ids = data.organ_label_ids
 
@@ -71,9 +83,6 @@ class PretrainTask:
         elif cfg.model.freeze_text:
             text_encoder.freeze()
 
-        image_encoder = create_image_encoder(
-            cfg.model.image_encoder, spatial_dims=3, in_channels=1, **cfg.model.encoder_kwargs
-        )
         model = MosmosPretrainModel(
             image_encoder,
             text_encoder,

@@ -140,3 +140,61 @@ def test_freeze_steps_keep_a_prefix_fixed_then_train_it_at_its_scaled_rate(tmp_p
     assert not torch.equal(snapshots[6], before)
     lrs = {(g["lr_scale"], g["freeze_steps"]) for g in engine.optimizer.param_groups}
     assert (0.5, 5) in lrs and (1.0, 0) in lrs
+
+
+class InfGradTask(ToyTask):
+    """The loss stays finite but its gradient is NaN (d/dx sqrt(x) at 0, times 0) after ``bad_after`` calls."""
+
+    def __init__(self, bad_after: int, bad_until: int | None = None):
+        super().__init__()
+        self.bad_after, self.bad_until = bad_after, bad_until
+
+    def step(self, model, batch):
+        out = super().step(model, batch)
+        if self.bad_after < self.calls <= (self.bad_until or 10**9):
+            out["loss"] = out["loss"] + torch.sqrt(model[0].weight.abs().sum() * 0.0)
+        return out
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_non_finite_gradient_skips_the_step_and_keeps_the_weights(tmp_path, caplog, clip):
+    cfg = TrainConfig(epochs=1, max_steps=6, batch_size=8, lr=5e-2, warmup_steps=0, clip_grad=clip)
+    task = InfGradTask(bad_after=3, bad_until=5)  # calls 4 and 5 have NaN gradients
+    seen = {}
+    step = task.step
+
+    def spy(model, batch):
+        seen[task.calls + 1] = model[0].weight.detach().clone()  # weights before call N
+        return step(model, batch)
+
+    task.step = spy
+    with caplog.at_level("WARNING", logger="mosmos"):
+        Engine(task, cfg, tmp_path, seed=0).fit()
+    assert not torch.equal(seen[3], seen[4])  # call 3 was a good step
+    # weights before calls 5 and 6 equal those before call 4: both bad steps were skipped
+    assert torch.equal(seen[4], seen[5]) and torch.equal(seen[5], seen[6])
+    assert not torch.equal(seen[6], seen[7])  # training goes on
+    assert torch.isfinite(task.model[0].weight).all()
+    warnings = [r.getMessage() for r in caplog.records if "non-finite gradient" in r.getMessage()]
+    assert len(warnings) == 2 and "at step 4" in warnings[0]
+    assert json.loads((tmp_path / "metrics.json").read_text())["final"]["step"] == 6
+
+
+def test_non_finite_gradients_in_a_row_abort_with_the_last_good_state(tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=8, max_bad_steps=3, checkpoint_every=100, lr=5e-2)
+    task = InfGradTask(bad_after=4)
+    with pytest.raises(MosmosError, match=r"(?s)3 consecutive non-finite.*train\.lr=0\.05.*step_00000004"):
+        Engine(task, cfg, tmp_path, seed=0).fit()
+    from safetensors.torch import load_file
+
+    saved = load_file(list_checkpoints(tmp_path)[0] / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_checkpoints_hold_no_pickled_objects_but_rng_state(tmp_path):
+    """accelerate unpickles registered objects with weights_only=False; the scheduler lives in JSON instead."""
+    _run(tmp_path, max_steps=5)
+    ckpt = list_checkpoints(tmp_path)[0]
+    assert not list(ckpt.glob("custom_checkpoint_*"))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["scheduler"]["last_epoch"] == 5
