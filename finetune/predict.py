@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mosmos.errors import ConfigError
+from mosmos.errors import ConfigError, DataError
 from mosmos.io import write_json
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -86,11 +86,20 @@ def predict(
     targets = [safe_output_path(output, _case_name(f) + ".nii.gz") for f in files]
     if len(set(targets)) < len(targets):
         raise ConfigError(f"--input {input_path}: two inputs map to the same case name; rename one")
+    # headers of every input first: a wrong file fails before any prediction, all of them named
+    from mosmos.check import inspect_volume, raise_for_problems
+
+    header_problems = [p for f in files for p in inspect_volume(str(f), "image", deep=False, case=f.name)[1]]
+    raise_for_problems(header_problems, f"--input {input_path}", hint="fix or remove these inputs")
     write_json(output / "labels.json", labels_json(spec.organs))
     predictor = Predictor(model, spec, device, overlap=overlap, sw_batch_size=sw_batch_size)
-    written = []
+    written, failed = [], []
     for src, dst in tqdm(list(zip(files, targets, strict=True)), desc="predict", dynamic_ncols=True):
-        probs, _ = predictor.probabilities(src, task=task_id)
+        try:
+            probs, _ = predictor.probabilities(src, task=task_id)
+        except Exception as e:  # a volume whose voxels do not read (truncated ...): the others go on
+            failed.append(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
         save_label_map(decode_probabilities(probs, spec.strategy), src, dst)
         if probabilities:
             save_probabilities(
@@ -98,6 +107,11 @@ def predict(
             )
         written.append(dst)
     print(f"wrote {len(written)} label map(s) to {output} (ids in {output}/labels.json)")
+    if failed:
+        raise DataError(
+            f"{len(failed)} of {len(files)} input(s) could not be predicted (the other label maps are written):\n  "
+            + "\n  ".join(failed)
+        )
     return written
 
 

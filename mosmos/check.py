@@ -512,7 +512,9 @@ def is_report_table(path: str | Path) -> bool:
     return head.startswith(b"[")  # a list of records; a datalist / dataset.json is an object
 
 
-def raise_for_problems(problems: Sequence[Problem], what: str, max_shown: int = 10) -> None:
+def raise_for_problems(
+    problems: Sequence[Problem], what: str, max_shown: int = 10, hint: str | None = None
+) -> None:
     """Raise one :class:`DataError` listing the errors among ``problems`` (with ``data.on_bad_case=error``)."""
     errors = [p for p in problems if p.severity == "error"]
     if not errors:
@@ -523,9 +525,15 @@ def raise_for_problems(problems: Sequence[Problem], what: str, max_shown: int = 
     lines = [f"  {p.path}: {p.message}" for p in errors[:max_shown]]
     more = f"\n  ... and {len(errors) - max_shown} more" if len(errors) > max_shown else ""
     raise DataError(
-        f"{what}: {len(errors)} problem(s) in {len(by_case)} case(s):\n" + "\n".join(lines) + more + "\n"
-        "Fix them (`mosmos check PATH` lists every problem), or set data.on_bad_case=skip to train "
-        "without these cases (they are listed in RUN/skipped.csv)."
+        f"{what}: {len(errors)} problem(s) in {len(by_case)} case(s):\n"
+        + "\n".join(lines)
+        + more
+        + "\n"
+        + (
+            hint
+            or "Fix them (`mosmos check PATH` lists every problem), or set data.on_bad_case=skip to train "
+            "without these cases (they are listed in RUN/skipped.csv)."
+        )
     )
 
 
