@@ -62,6 +62,15 @@ def evaluate_run(
     cases = [c for c in [*ds.train, *ds.test] if c.label is not None]
     if not cases:
         raise ConfigError(f"{data}: no labelled cases to evaluate")
+    # every case is checked before any prediction: a score over a silently shortened test set would
+    # mislead, so bad cases stop the evaluation, all of them named
+    from mosmos.check import check_cases, dataset_case_files, raise_for_problems
+
+    raise_for_problems(
+        check_cases(dataset_case_files(ds, cases), workers=2),
+        f"--data {data}",
+        hint="Fix them (or remove the cases) and evaluate again; `mosmos check` lists every problem.",
+    )
     lut = ds.lookup_table(spec.organs)
     predictor = Predictor(model, spec, device, overlap=overlap, sw_batch_size=sw_batch_size)
     rows = []

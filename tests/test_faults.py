@@ -231,3 +231,23 @@ def test_predict_names_broken_inputs_first_and_keeps_the_good_outputs(tiny_synth
     assert "1 of 2 input(s) could not be predicted" in err and "second.nii.gz" in err
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == sorted([good.name.replace("_0000.nii.gz", ".nii.gz"), "labels.json"])
+
+
+def test_evaluate_names_every_bad_test_case_before_predicting(tiny_synth, tmp_path, capsys):
+    import shutil
+
+    from mosmos.cli import main as cli
+    from tests.test_finetune_e2e import tiny_finetune_overrides
+
+    run = tmp_path / "run"
+    overrides = tiny_finetune_overrides(tiny_synth, run, **{"train.epochs": 1, "eval.hd95": "false"})
+    assert cli(["finetune", "--config", str(REPO / "configs/finetune/demo.yaml"), *overrides]) == 0
+    data = tmp_path / "Dataset099_SynthTest"
+    shutil.copytree(tiny_synth / "nnUNet_raw" / "Dataset099_SynthTest", data)
+    label = sorted((data / "labelsTr").iterdir())[0]
+    label.write_bytes(label.read_bytes()[:100])
+    capsys.readouterr()
+    assert cli(["evaluate", "--model", str(run), "--data", str(data), "--output", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert f"{label}: cannot read label map" in err and "Traceback" not in err
+    assert not (tmp_path / "ev").exists()
