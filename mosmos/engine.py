@@ -13,6 +13,7 @@ Exact resume: the sampler's order is a function of (seed, epoch) and augmentatio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -181,6 +182,32 @@ def _scheduler_state(scheduler) -> dict:
     return state
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checksums(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path``, by relative name."""
+    return {f.relative_to(path).as_posix(): _sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: Path) -> None:
     for f in path.rglob("*"):
         if f.is_file():
@@ -287,6 +314,9 @@ class Engine:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        # save_state ends without a barrier: wait until every rank has written its random_states_R.pkl
+        # before the main process hashes, fsyncs and renames the directory
+        acc.wait_for_everyone()
         if acc.is_main_process:
             state = {
                 "global_step": self.global_step,
@@ -295,16 +325,29 @@ class Engine:
                 "history": self.history,
                 "seed": self.seed,
                 "scheduler": _scheduler_state(self.scheduler),
+                # what accelerate wrote: a file damaged later but still parseable (same size, bytes
+                # changed) would otherwise load silently; resume checks these first
+                "checksums": _checksums(tmp),
             }
             (tmp / STATE_FILE).write_text(json.dumps(state))
             (tmp / COMPLETE_MARKER).write_text("ok\n")
             _fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            _fsync_dir(root)  # the rename itself survives a power loss
             for old in list_checkpoints(self.output_dir)[self.cfg.keep_checkpoints :]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written ``.tmp_step_N`` folders of a killed save are never loaded; remove them."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            for tmp in (self.output_dir / "checkpoints").glob(f".tmp_{CHECKPOINT_PREFIX}*"):
+                logger.info("removing %s, left by an interrupted save", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
 
     def _resolve_resume(self) -> list[Path]:
         resume = self.cfg.resume
@@ -318,18 +361,46 @@ class Engine:
         return [path]
 
     def try_resume(self) -> bool:
-        """Load the newest usable checkpoint; a corrupt or partial one is skipped with a warning."""
+        """Load the newest usable checkpoint; a corrupt or partial one is skipped with a warning and
+        renamed ``unusable_step_N`` (kept for inspection, never pruned in place of a good one)."""
+        unusable: list[Path] = []
+        try:
+            return self._load_newest_usable(unusable)
+        finally:
+            self._set_aside(unusable)
+
+    def _set_aside(self, unusable: list[Path]) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()  # every process has looked at them before they move
+        if acc.is_main_process and self.cfg.resume == "latest":
+            for ckpt in unusable:
+                target = ckpt.with_name(f"unusable_{ckpt.name}")
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(ckpt, target)
+                logger.warning("moved the unusable checkpoint %s to %s", ckpt, target)
+        acc.wait_for_everyone()
+
+    def _load_newest_usable(self, unusable: list[Path]) -> bool:
         for ckpt in self._resolve_resume():
             if not (ckpt / COMPLETE_MARKER).is_file() or not (ckpt / STATE_FILE).is_file():
                 logger.warning("checkpoint %s is incomplete; falling back to the previous one", ckpt)
+                unusable.append(ckpt)
                 continue
             try:
                 state = json.loads((ckpt / STATE_FILE).read_text())
+                damaged = [
+                    name
+                    for name, digest in state.get("checksums", {}).items()
+                    if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest
+                ]
+                if damaged:
+                    raise MosmosError(f"{', '.join(damaged)} changed since the checkpoint was written")
                 self.accelerator.load_state(str(ckpt))
             except Exception as exc:  # any failure to read means this checkpoint is unusable
                 logger.warning(
                     "checkpoint %s could not be loaded (%s); falling back to the previous one", ckpt, exc
                 )
+                unusable.append(ckpt)
                 continue
             self.global_step = state["global_step"]
             self.epoch = state["epoch"]
@@ -342,6 +413,14 @@ class Engine:
         if self.cfg.resume and self.cfg.resume != "latest":
             raise MosmosError(
                 f"could not resume from {self.cfg.resume}: the checkpoint is incomplete or corrupt"
+            )
+        if unusable:
+            # a failed load may have changed part of the model already: starting over from it would
+            # not be a fresh start, and silently discarding every checkpoint loses the run's progress
+            raise MosmosError(
+                f"no usable checkpoint in {self.output_dir / 'checkpoints'}: "
+                f"{', '.join(p.name for p in unusable)} could not be loaded (they are set aside as "
+                "unusable_*); rerun to start from scratch"
             )
         return False
 
@@ -401,6 +480,7 @@ class Engine:
         cfg, acc = self.cfg, self.accelerator
         self._prepare()
         acc.init_trackers("tb")
+        self._remove_stale_temporaries()
         self.try_resume()
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if acc.is_main_process else None
         bar = tqdm(

@@ -385,7 +385,12 @@ def test_finetune_data_errors_or_skips_bad_cases(tmp_path, vocab):
     data2 = build_seg_data(
         _seg_cfg(tmp_path, [root], on_bad_case="skip", check="none", val_fraction=0.5), vocab
     )
-    assert {c.case_id for c, _ in data2.train + data2.val} == {"a", "b", "c", "d"}  # "none": unreadable c kept
+    assert {c.case_id for c, _ in data2.train + data2.val} == {
+        "a",
+        "b",
+        "c",
+        "d",
+    }  # "none": unreadable c kept
 
 
 def test_pretrain_skips_bad_rows_and_records_them(tmp_path):

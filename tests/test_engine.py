@@ -104,6 +104,31 @@ def test_corrupt_checkpoint_falls_back(tmp_path, caplog):
     engine._prepare()
     assert engine.try_resume()
     assert engine.global_step == 5
+    # set aside, so pruning never deletes the good checkpoints in favour of a corrupt newer one
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005"]
+    assert (tmp_path / "checkpoints" / f"unusable_{newest.name}").is_dir()
+
+
+def test_when_no_checkpoint_loads_the_run_stops_instead_of_starting_over(tmp_path):
+    _run(tmp_path, max_steps=5)
+    for f in list_checkpoints(tmp_path)[0].glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    engine = Engine(ToyTask(), TrainConfig(batch_size=8, resume="latest"), tmp_path, seed=3)
+    engine._prepare()
+    with pytest.raises(
+        MosmosError, match=r"no usable checkpoint.*step_00000005.*rerun to start from scratch"
+    ):
+        engine.try_resume()
+    assert not list_checkpoints(tmp_path)  # set aside: a second call starts from scratch
+    assert not engine.try_resume()
+
+
+def test_a_half_written_save_is_removed_at_start(tmp_path):
+    stale = tmp_path / "checkpoints" / ".tmp_step_00000099"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    _run(tmp_path, max_steps=3)
+    assert not stale.exists()
 
 
 def test_non_finite_losses_abort_with_checkpoint(tmp_path):

@@ -70,6 +70,12 @@ def test_a_tampered_checkpoint_runs_no_code_and_falls_back(tmp_path, caplog):
     # a pickle where the optimizer state belongs, and one where accelerate keeps registered objects
     (newest / "optimizer.bin").write_bytes(pickle.dumps(_Payload(marker)))
     (newest / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    # the checkpoint's checksums would reject the new file before it is read; drop them so the test
+    # reaches torch.load and shows that weights_only refuses the pickle on its own
+    state_file = newest / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["checksums"]
+    state_file.write_text(json.dumps(state))
     engine = Engine(ToyTask(), TrainConfig(batch_size=8, resume="latest", max_steps=10), tmp_path, seed=0)
     engine._prepare()
     with caplog.at_level("WARNING", logger="mosmos"):
