@@ -58,8 +58,12 @@ class PixelTagAttention(nn.Module):
         num_heads: int = 1,
         spatial_dims: int = 3,
         value_dim: int | None = None,
+        mask_min_inside: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= mask_min_inside <= 1.0:
+            raise ValueError(f"mask_min_inside={mask_min_inside} must be in [0, 1]")
+        self.mask_min_inside = mask_min_inside
         if feature_dim < 1:
             raise ValueError(f"feature_dim={feature_dim} must be >= 1")
         if num_tags < 1:
@@ -104,6 +108,9 @@ class PixelTagAttention(nn.Module):
         self.head_weight = nn.Parameter(torch.randn(num_tags, dim, num_outputs) / math.sqrt(dim))
         self.head_bias = nn.Parameter(torch.zeros(num_tags, num_outputs))
 
+    def _inside(self, mask: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        return _inside_cells(mask, spatial, self.mask_min_inside)
+
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor | None = None, values: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +142,7 @@ class PixelTagAttention(nn.Module):
         scores = torch.einsum("htd,bhnd->bhtn", q, k) / math.sqrt(d)  # [B, h, T, N]
 
         if mask is not None:
-            inside = resize_mask(mask, spatial, mode="max").flatten(2) > 0  # [B, 1, N]
-            inside = inside.unsqueeze(1)  # [B, 1, 1, N]
+            inside = self._inside(mask, spatial).unsqueeze(1)  # [B, 1, 1, N]
             # A finite fill (not -inf) keeps an all-masked row finite in forward and backward;
             # multiplying by the mask afterwards makes the outside exactly zero.
             scores = scores.masked_fill(~inside, torch.finfo(scores.dtype).min)
@@ -158,6 +164,22 @@ class PixelTagAttention(nn.Module):
         pooled = self.out_norm(average).unsqueeze(1) + self.out_norm(attended)
         logits = torch.einsum("btd,tdk->btk", pooled, self.head_weight) + self.head_bias
         return logits, attn.mean(dim=1).view(b, self.num_tags, *spatial)
+
+
+def _inside_cells(mask: torch.Tensor, spatial: Sequence[int], min_inside: float) -> torch.Tensor:
+    """``[B, 1, N]`` bool: map cells the attention may look at.
+
+    ``min_inside == 0``: a cell counts when any voxel under it is inside the mask. Otherwise at least
+    that share of its voxels must be inside: with 1.0, cells on the body's outline (half air, half
+    skin) are out of reach, so the outline (which gives position away) cannot be a shortcut. A sample
+    with no such cell falls back to the any-voxel rule.
+    """
+    touched = resize_mask(mask, spatial, mode="max").flatten(2) > 0
+    if min_inside <= 0:
+        return touched
+    share = resize_mask(mask, spatial, mode="avg").flatten(2)
+    inside = share >= min_inside - 1e-6
+    return torch.where(inside.any(dim=-1, keepdim=True), inside, touched)
 
 
 class TopDownFusion(nn.Module):
@@ -224,6 +246,7 @@ class TagAttentionHead(nn.Module):
         value_source: str = "level0",
         in_channels: int = 1,
         attn_stride: int = 4,
+        mask_min_inside: float = 0.0,
     ) -> None:
         super().__init__()
         if value_source not in ("level0", "patch"):
@@ -244,6 +267,7 @@ class TagAttentionHead(nn.Module):
             "value_source": value_source,
             "in_channels": in_channels,
             "attn_stride": attn_stride,
+            "mask_min_inside": mask_min_inside,
         }
         self.value_source = value_source
         self.patch_embed = None
@@ -272,6 +296,7 @@ class TagAttentionHead(nn.Module):
             num_heads=num_heads,
             spatial_dims=spatial_dims,
             value_dim=value_dim,
+            mask_min_inside=mask_min_inside,
         )
 
     def head_config(self) -> dict[str, Any]:

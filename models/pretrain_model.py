@@ -79,6 +79,7 @@ class MosmosPretrainModel(nn.Module):
         num_outputs: int = 2,
         attn_heads: int = 1,
         attn_values: str = "level0",
+        attn_min_inside: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(image_encoder, ImageEncoder):
@@ -137,6 +138,7 @@ class MosmosPretrainModel(nn.Module):
                 value_source=attn_values,
                 in_channels=image_encoder.in_channels,
                 attn_stride=strides[attn_level],
+                mask_min_inside=attn_min_inside,
             )
 
     def _image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,9 @@ class PretrainModel:
     # fuse deeper levels into the attention keys (context to find organs); values stay local
     attention_fuse_levels: bool = True
     attention_values: Literal["level0", "patch"] = "level0"  # what the attention reads where it looks
+    # share of a map cell that must lie inside the body for the attention to look there (0: any voxel;
+    # 1: the whole cell, which keeps the body's outline, a position shortcut, out of reach)
+    attention_min_inside: float = 0.0
     init_temperature: float = 0.07  # CLIP temperature at start (learnable)
     max_logit_scale: float = 100.0  # clamp of 1/temperature
 

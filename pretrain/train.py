@@ -92,6 +92,7 @@ class PretrainTask:
             attn_level=cfg.model.attention_level,
             fuse_levels=cfg.model.attention_fuse_levels,
             attn_values=cfg.model.attention_values,
+            attn_min_inside=cfg.model.attention_min_inside,
             query_init=query_init,
             init_temperature=cfg.model.init_temperature,
             max_logit_scale=cfg.model.max_logit_scale,

@@ -149,6 +149,25 @@ def test_attention_sums_to_one_inside_the_mask_and_is_zero_outside():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pta.parameters())
 
 
+def test_attention_can_be_kept_off_cells_on_the_bodys_outline():
+    """mask_min_inside=1: only cells wholly inside the body are attended; a body too small for any
+    such cell falls back to the any-voxel rule."""
+    torch.manual_seed(0)
+    pta = PixelTagAttention(feature_dim=8, num_tags=3, dim=16, mask_min_inside=1.0)
+    features = torch.randn(2, 8, 4, 4, 4)
+    mask = torch.zeros(2, 1, 8, 8, 8, dtype=torch.bool)
+    mask[0, :, 1:7, 1:7, 1:7] = True  # cells 1..2 wholly inside; the outer ring is half inside
+    mask[1, :, 3:5, 3:5, 3:5] = True  # straddles 8 cells, fills none
+    _, attn = pta(features, mask)
+    full = torch.zeros(4, 4, 4, dtype=torch.bool)
+    full[1:3, 1:3, 1:3] = True
+    assert torch.all(attn[0][:, ~full] == 0) and torch.all(attn[0][:, full] > 0)
+    touched = F.adaptive_max_pool3d(mask[1:].float(), (4, 4, 4))[0, 0] > 0
+    assert touched.sum() == 8 and torch.all(attn[1][:, touched] > 0) and torch.all(attn[1][:, ~touched] == 0)
+    with pytest.raises(ValueError, match="mask_min_inside"):
+        PixelTagAttention(feature_dim=8, num_tags=3, mask_min_inside=1.5)
+
+
 def test_attention_matches_scaled_dot_product_attention():
     torch.manual_seed(0)
     pta = PixelTagAttention(feature_dim=6, num_tags=3, dim=8)
