@@ -59,11 +59,25 @@ class PixelTagAttention(nn.Module):
         spatial_dims: int = 3,
         value_dim: int | None = None,
         mask_min_inside: float = 0.0,
+        mask_margin: int = 0,
+        residual_average: bool = True,
+        init_sharpness: float = 1.0,
     ) -> None:
         super().__init__()
+        if not init_sharpness > 0:
+            raise ValueError(f"init_sharpness={init_sharpness} must be > 0")
+        self.residual_average = residual_average
+        # per-tag learnable log-multiplier of the attention scores: > 1 starts the attention peaked
+        # (larger gradients for where to look) instead of nearly uniform over thousands of cells
+        self.log_sharpness = (
+            nn.Parameter(torch.full((num_tags,), math.log(init_sharpness))) if init_sharpness != 1.0 else None
+        )
         if not 0.0 <= mask_min_inside <= 1.0:
             raise ValueError(f"mask_min_inside={mask_min_inside} must be in [0, 1]")
+        if mask_margin < 0:
+            raise ValueError(f"mask_margin={mask_margin} must be >= 0")
         self.mask_min_inside = mask_min_inside
+        self.mask_margin = mask_margin
         if feature_dim < 1:
             raise ValueError(f"feature_dim={feature_dim} must be >= 1")
         if num_tags < 1:
@@ -109,7 +123,7 @@ class PixelTagAttention(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(num_tags, num_outputs))
 
     def _inside(self, mask: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-        return _inside_cells(mask, spatial, self.mask_min_inside)
+        return _inside_cells(mask, spatial, self.mask_min_inside, self.mask_margin)
 
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor | None = None, values: torch.Tensor | None = None
@@ -140,6 +154,8 @@ class PixelTagAttention(nn.Module):
         v = self.to_v(tokens).view(b, -1, h, d).transpose(1, 2)
         q = self.to_q(self.query_norm(self.queries)).view(-1, h, d).transpose(0, 1)  # [h, T, d]
         scores = torch.einsum("htd,bhnd->bhtn", q, k) / math.sqrt(d)  # [B, h, T, N]
+        if self.log_sharpness is not None:
+            scores = scores * self.log_sharpness.exp()[None, None, :, None]
 
         if mask is not None:
             inside = self._inside(mask, spatial).unsqueeze(1)  # [B, 1, 1, N]
@@ -161,24 +177,36 @@ class PixelTagAttention(nn.Module):
             average = (values * weight).sum(1) / weight.sum(1).clamp_min(1.0)
         else:
             average = values.mean(1)
-        pooled = self.out_norm(average).unsqueeze(1) + self.out_norm(attended)
+        pooled = self.out_norm(attended)
+        if self.residual_average:
+            pooled = pooled + self.out_norm(average).unsqueeze(1)
         logits = torch.einsum("btd,tdk->btk", pooled, self.head_weight) + self.head_bias
         return logits, attn.mean(dim=1).view(b, self.num_tags, *spatial)
 
 
-def _inside_cells(mask: torch.Tensor, spatial: Sequence[int], min_inside: float) -> torch.Tensor:
+def _inside_cells(
+    mask: torch.Tensor, spatial: Sequence[int], min_inside: float, margin: int = 0
+) -> torch.Tensor:
     """``[B, 1, N]`` bool: map cells the attention may look at.
 
     ``min_inside == 0``: a cell counts when any voxel under it is inside the mask. Otherwise at least
     that share of its voxels must be inside: with 1.0, cells on the body's outline (half air, half
-    skin) are out of reach, so the outline (which gives position away) cannot be a shortcut. A sample
-    with no such cell falls back to the any-voxel rule.
+    skin) are out of reach, so the outline (which gives position away) cannot be a shortcut.
+    ``margin``: cells within this many of the map's edge are left out too (their features see the
+    convolutions' zero padding, the scan's edge: another position shortcut). A sample with no cell
+    left falls back to the any-voxel rule.
     """
     touched = resize_mask(mask, spatial, mode="max").flatten(2) > 0
-    if min_inside <= 0:
+    if min_inside <= 0 and margin <= 0:
         return touched
-    share = resize_mask(mask, spatial, mode="avg").flatten(2)
-    inside = share >= min_inside - 1e-6
+    if min_inside > 0:
+        inside = resize_mask(mask, spatial, mode="avg").flatten(2) >= min_inside - 1e-6
+    else:
+        inside = touched
+    if margin > 0:
+        core = torch.zeros(tuple(spatial), dtype=torch.bool, device=mask.device)
+        core[tuple(slice(margin, max(margin, s - margin)) for s in spatial)] = True
+        inside = inside & core.flatten()
     return torch.where(inside.any(dim=-1, keepdim=True), inside, touched)
 
 
@@ -247,6 +275,9 @@ class TagAttentionHead(nn.Module):
         in_channels: int = 1,
         attn_stride: int = 4,
         mask_min_inside: float = 0.0,
+        mask_margin: int = 0,
+        residual_average: bool = True,
+        init_sharpness: float = 1.0,
     ) -> None:
         super().__init__()
         if value_source not in ("level0", "patch"):
@@ -268,6 +299,9 @@ class TagAttentionHead(nn.Module):
             "in_channels": in_channels,
             "attn_stride": attn_stride,
             "mask_min_inside": mask_min_inside,
+            "mask_margin": mask_margin,
+            "residual_average": residual_average,
+            "init_sharpness": init_sharpness,
         }
         self.value_source = value_source
         self.patch_embed = None
@@ -297,6 +331,9 @@ class TagAttentionHead(nn.Module):
             spatial_dims=spatial_dims,
             value_dim=value_dim,
             mask_min_inside=mask_min_inside,
+            mask_margin=mask_margin,
+            residual_average=residual_average,
+            init_sharpness=init_sharpness,
         )
 
     def head_config(self) -> dict[str, Any]:

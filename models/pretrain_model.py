@@ -80,6 +80,9 @@ class MosmosPretrainModel(nn.Module):
         attn_heads: int = 1,
         attn_values: str = "level0",
         attn_min_inside: float = 0.0,
+        attn_margin: int = 0,
+        attn_residual_average: bool = True,
+        attn_init_sharpness: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(image_encoder, ImageEncoder):
@@ -139,6 +142,9 @@ class MosmosPretrainModel(nn.Module):
                 in_channels=image_encoder.in_channels,
                 attn_stride=strides[attn_level],
                 mask_min_inside=attn_min_inside,
+                mask_margin=attn_margin,
+                residual_average=attn_residual_average,
+                init_sharpness=attn_init_sharpness,
             )
 
     def _image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,11 @@ class PretrainModel:
     # share of a map cell that must lie inside the body for the attention to look there (0: any voxel;
     # 1: the whole cell, which keeps the body's outline, a position shortcut, out of reach)
     attention_min_inside: float = 0.0
+    attention_margin: int = 0  # map cells this close to the scan's edge are out of the attention's reach
+    attention_residual_average: bool = True  # add the body-average value to the attended one (CSRA)
+    attention_init_sharpness: float = (
+        1.0  # initial multiplier of the attention scores (learned per tag when != 1)
+    )
     init_temperature: float = 0.07  # CLIP temperature at start (learnable)
     max_logit_scale: float = 100.0  # clamp of 1/temperature
 
