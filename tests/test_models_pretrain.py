@@ -168,6 +168,28 @@ def test_attention_can_be_kept_off_cells_on_the_bodys_outline():
         PixelTagAttention(feature_dim=8, num_tags=3, mask_min_inside=1.5)
 
 
+def test_attention_margin_sharpness_and_no_residual():
+    torch.manual_seed(0)
+    features = torch.randn(1, 8, 6, 6, 6)
+    mask = torch.ones(1, 1, 6, 6, 6, dtype=torch.bool)
+    edged = PixelTagAttention(feature_dim=8, num_tags=2, dim=16, mask_margin=1)
+    _, attn = edged(features, mask)
+    core = torch.zeros(6, 6, 6, dtype=torch.bool)
+    core[1:5, 1:5, 1:5] = True
+    assert torch.all(attn[0][:, ~core] == 0) and torch.all(attn[0][:, core] > 0)
+    # a sharper start concentrates the same scores: lower entropy, same argmax
+    plain = PixelTagAttention(feature_dim=8, num_tags=2, dim=16, residual_average=False)
+    sharp = PixelTagAttention(feature_dim=8, num_tags=2, dim=16, residual_average=False, init_sharpness=4.0)
+    sharp.load_state_dict(plain.state_dict(), strict=False)
+    (_, a1), (logits, a4) = plain(features), sharp(features)
+    entropy = lambda a: -(a * a.clamp_min(1e-12).log()).flatten(2).sum(-1)  # noqa: E731
+    assert torch.all(entropy(a4) < entropy(a1))
+    assert torch.equal(a1.flatten(2).argmax(-1), a4.flatten(2).argmax(-1))
+    logits.sum().backward()
+    assert sharp.log_sharpness.grad is not None and sharp.log_sharpness.grad.abs().sum() > 0
+    assert plain.log_sharpness is None  # no parameter unless asked for: old exports still load
+
+
 def test_attention_matches_scaled_dot_product_attention():
     torch.manual_seed(0)
     pta = PixelTagAttention(feature_dim=6, num_tags=3, dim=8)
