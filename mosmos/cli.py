@@ -45,7 +45,7 @@ def _check(sub) -> None:
     p = sub.add_parser(
         "check",
         help="find every problem in report tables and segmentation datasets before training",
-        description=check_cli.__doc__,
+        description=check_cli.__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check_cli.add_arguments(p)
