@@ -83,6 +83,7 @@ class MosmosPretrainModel(nn.Module):
         attn_margin: int = 0,
         attn_residual_average: bool = True,
         attn_init_sharpness: float = 1.0,
+        image_embedding_grad: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(image_encoder, ImageEncoder):
@@ -121,6 +122,13 @@ class MosmosPretrainModel(nn.Module):
         self.attn_level = attn_level
         self.attn_stride = strides[attn_level]
         self.max_log_scale = math.log(max_logit_scale)
+        if not 0.0 <= image_embedding_grad <= 1.0:
+            raise ValueError(f"image_embedding_grad={image_embedding_grad} must be in [0, 1]")
+        # Share of the image-embedding gradient (contrastive, embedding tags) that reaches the encoder.
+        # 0 locks the encoder to what the tag heads teach it (LiT: Zhai et al., CVPR 2022) while the
+        # projections and the text tower still align; a text tower trained from scratch otherwise
+        # pushes the encoder towards noise early on (measured: present-tag AUROC 0.65 vs 0.88).
+        self.image_embedding_grad = image_embedding_grad
 
         if text_encoder is not None:
             # Both projections exist only with a text side: unused parameters break DDP.
@@ -203,7 +211,11 @@ class MosmosPretrainModel(nn.Module):
             and ``attn_stride`` when ``num_tags > 0``.
         """
         enc = self.image_encoder(image, mask)
-        out: dict[str, Any] = {"image_emb": self._image_embedding(enc["pooled"]), "pooled": enc["pooled"]}
+        pooled = enc["pooled"]
+        if self.image_embedding_grad < 1.0:
+            g = self.image_embedding_grad
+            pooled = pooled * g + pooled.detach() * (1.0 - g)  # same value, scaled gradient
+        out: dict[str, Any] = {"image_emb": self._image_embedding(pooled), "pooled": enc["pooled"]}
         if self.text_encoder is not None:
             out["logit_scale"] = self.logit_scale.clamp(max=self.max_log_scale).exp()
             if input_ids is not None:

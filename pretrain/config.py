@@ -87,6 +87,9 @@ class PretrainTrain(TrainConfig):
     tag_loss: Literal["bce", "asl"] = "bce"  # multi-label loss
     class_balance: bool = True  # weight tag classes by training-set frequency
     queue_size: int = 0  # memory queue of past embeddings as extra negatives (0: off)
+    # share of the image-embedding (contrastive, embedding-tag) gradient that reaches the image encoder;
+    # 0: the encoder learns from the tag heads only and the text tower aligns to it (LiT)
+    image_embedding_grad: float = 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -100,6 +103,12 @@ class PretrainTrain(TrainConfig):
             raise ConfigError("train.embedding_tag_weight and train.pooled_tag_weight must be >= 0")
         if self.queue_size < 0:
             raise ConfigError(f"train.queue_size={self.queue_size} must be >= 0")
+        if not 0.0 <= self.image_embedding_grad <= 1.0:
+            raise ConfigError(f"train.image_embedding_grad={self.image_embedding_grad} must be in [0, 1]")
+        if self.image_embedding_grad == 0 and self.tag_weight == 0:
+            raise ConfigError(
+                "train.image_embedding_grad=0 with train.tag_weight=0 leaves the image encoder nothing to learn from"
+            )
 
 
 @dataclass

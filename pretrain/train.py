@@ -96,6 +96,7 @@ class PretrainTask:
             attn_margin=cfg.model.attention_margin,
             attn_residual_average=cfg.model.attention_residual_average,
             attn_init_sharpness=cfg.model.attention_init_sharpness,
+            image_embedding_grad=cfg.train.image_embedding_grad,
             query_init=query_init,
             init_temperature=cfg.model.init_temperature,
             max_logit_scale=cfg.model.max_logit_scale,

@@ -242,6 +242,34 @@ def test_query_init_and_per_tag_heads():
 # ---------------------------------------------------------------- pretraining model
 
 
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_image_embedding_gradient_share_reaches_the_encoder_scaled(share):
+    """image_embedding_grad scales (0: blocks) the contrastive gradient into the encoder, not into the
+    image projection or the text tower, and leaves the forward values unchanged."""
+    image, mask, ids, am = batch()
+
+    def grads(g):
+        torch.manual_seed(0)
+        model = MosmosPretrainModel(
+            tiny_encoder(), tiny_text(), embed_dim=8, num_tags=0, image_embedding_grad=g
+        )
+        out = model(image, mask, input_ids=ids, attention_mask=am)
+        ClipLoss()(out["image_emb"], out["text_emb"], out["logit_scale"]).backward()
+        enc = torch.cat([p.grad.flatten() for p in model.image_encoder.parameters() if p.grad is not None])
+        proj = torch.cat([p.grad.flatten() for p in model.image_proj.parameters()])
+        text = torch.cat([p.grad.flatten() for p in model.text_encoder.parameters() if p.grad is not None])
+        return out["image_emb"].detach(), enc, proj, text
+
+    full, scaled = grads(1.0), grads(share)
+    torch.testing.assert_close(scaled[0], full[0])  # same embedding
+    if share == 0:
+        assert scaled[1].abs().sum() == 0 and full[1].abs().sum() > 0
+    else:
+        torch.testing.assert_close(scaled[1], share * full[1])
+    torch.testing.assert_close(scaled[2], full[2])
+    torch.testing.assert_close(scaled[3], full[3])
+
+
 @pytest.mark.parametrize("attn_values", ["level0", "patch"])
 def test_pretrain_model_shapes_and_every_gradient(attn_values):
     torch.manual_seed(0)
