@@ -64,7 +64,13 @@ CHECKPOINT_PREFIX = "checkpoint:"
 #: Stage 1 overrides of each pretraining variant, applied after ``pretrain_overrides``.
 STAGE1_VARIANTS: dict[str, list[str]] = {
     "mosmos": [],
-    "contrastive_only": ["train.tag_weight=0", "train.embedding_tag_weight=0", "train.pooled_tag_weight=0"],
+    # the encoder learns through the image embedding here, whatever share the base config lets through
+    "contrastive_only": [
+        "train.tag_weight=0",
+        "train.embedding_tag_weight=0",
+        "train.pooled_tag_weight=0",
+        "train.image_embedding_grad=1",
+    ],
     "tags_only": ["train.contrastive_weight=0", "train.embedding_tag_weight=0"],
     "shuffled_tags": ["data.shuffle_reports=true"],
 }
