@@ -495,7 +495,7 @@ def test_broken_model_files_are_named(tmp_path, tiny_synth, capsys):
     assert f"cannot read {export / 'encoder.safetensors'}" in err and "Traceback" not in err
 
 
-def test_missing_encoder_for_pretrain_config_is_a_clear_error(tmp_path):
+def test_a_misspelled_pretrain_key_is_a_clear_error(tmp_path):
     from mosmos.config import load_config
     from pretrain.config import PretrainConfig
 
