@@ -763,14 +763,11 @@ def map_dataset_labels(
     )
 
 
-def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
 def check_label_values(case: SegCase, dataset: SegDataset) -> None:
     """Load ``case``'s label map and check its voxels against the dataset's declared labels.
+
+    The checks are :mod:`mosmos.check`'s (what ``mosmos check`` reports); this raises the first
+    problem with the label map itself.
 
     Raises:
         DataError: naming the file, when it cannot be read, is not 3D, does not match its image's
@@ -778,43 +775,8 @@ def check_label_values(case: SegCase, dataset: SegDataset) -> None:
     """
     if case.label is None:
         return
-    import nibabel as nib  # deferred: listing datasets does not need it
+    from mosmos.check import check_cases, dataset_case_files  # deferred: it reads voxels
 
-    try:
-        img = nib.load(case.label)
-        data = np.asanyarray(img.dataobj)
-    except Exception as e:  # nibabel, gzip and numpy raise many types for broken files
-        raise DataError(f"{case.label}: cannot read label map: {type(e).__name__}: {e}") from None
-    shape = _squeeze_trailing(tuple(data.shape))
-    if len(shape) != 3:
-        raise DataError(f"{case.label}: label map must be a 3D volume, got shape {tuple(data.shape)}")
-    data = data.reshape(shape)
-    if data.dtype == np.bool_:
-        data = data.astype(np.uint8)
-    if os.path.isfile(case.image):
-        try:
-            image_shape = _squeeze_trailing(tuple(nib.load(case.image).shape))
-        except Exception as e:
-            raise DataError(f"{case.image}: cannot read image header: {type(e).__name__}: {e}") from None
-        if image_shape != shape:
-            raise DataError(f"{case.label}: label map shape {shape} differs from its image's {image_shape}")
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.issubdtype(data.dtype, np.floating):
-            raise DataError(f"{case.label}: label map has data type {data.dtype}; expected integers")
-        finite = np.isfinite(data)
-        fractional = finite & (data != np.round(data))
-        if not finite.all() or fractional.any():
-            bad = data[~finite | fractional]
-            raise DataError(
-                f"{case.label}: label map has {bad.size} non-integer voxel value(s), e.g. {bad.flat[0]!r}; "
-                "label maps must hold integer label ids (was it resampled with linear interpolation?)"
-            )
-        data = data.astype(np.int64)
-    values = [int(v) for v in np.unique(data)]
-    undeclared = [v for v in values if v != 0 and v not in dataset.labels]
-    if undeclared:
-        declared = ", ".join(f"{i}={n}" for i, n in dataset.labels.items())
-        raise DataError(
-            f"{case.label}: label id(s) {undeclared} are not declared by dataset {dataset.name} "
-            f"({dataset.root}); declared: 0=background, {declared}"
-        )
+    for problem in check_cases(dataset_case_files(dataset, [case])):
+        if problem.severity == "error" and problem.path == case.label:
+            raise DataError(str(problem))
