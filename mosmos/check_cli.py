@@ -24,6 +24,7 @@ from mosmos.check import (
 )
 from mosmos.errors import ConfigError
 from mosmos.io import atomic_write_text
+from pretrain.tags_cli import add_table_column_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,16 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="check what a pretrain or finetune config reads (its table or datasets)",
     )
-    p.add_argument(
-        "--image-column", default="VolumeName", help="tables: the image column (default: VolumeName)"
-    )
-    p.add_argument(
-        "--report-columns",
-        nargs="+",
-        default=["Findings_EN", "Impressions_EN"],
-        metavar="COLUMN",
-        help="tables: report text columns (default: Findings_EN Impressions_EN)",
-    )
+    add_table_column_arguments(p)
     p.add_argument(
         "--image-root", default=None, help="tables: folder image paths are relative to (default: the table's)"
     )

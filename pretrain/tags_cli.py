@@ -20,8 +20,8 @@ from pretrain.table import read_report_table
 from pretrain.tags import tag_frequencies, tag_matrix
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("table", help="report table: .csv, .tsv, .jsonl, .json or .parquet")
+def add_table_column_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--image-column`` and ``--report-columns``, shared by the verbs that read a report table."""
     parser.add_argument(
         "--image-column", default="VolumeName", help="column naming each volume (default: VolumeName)"
     )
@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="COLUMN",
         help="report text columns, joined in this order (default: Findings_EN Impressions_EN)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("table", help="report table: .csv, .tsv, .jsonl, .json or .parquet")
+    add_table_column_arguments(parser)
     parser.add_argument(
         "--vocabulary",
         default=None,
