@@ -62,6 +62,8 @@ class PixelTagAttention(nn.Module):
         mask_margin: int = 0,
         residual_average: bool = True,
         init_sharpness: float = 1.0,
+        position_prior: Sequence[int] | None = None,
+        prior_gain: float = 10.0,
     ) -> None:
         super().__init__()
         if not init_sharpness > 0:
@@ -72,6 +74,23 @@ class PixelTagAttention(nn.Module):
         self.log_sharpness = (
             nn.Parameter(torch.full((num_tags,), math.log(init_sharpness))) if init_sharpness != 1.0 else None
         )
+        # Per-tag learned location prior (a coarse grid of score offsets, upsampled onto the map and
+        # added to every scan's scores): after RAS reorientation and the foreground crop an organ sits
+        # in about the same place in every scan, which content alone is slow to learn from tags.
+        # It starts flat (no preference) and learns from the tag losses only; ``prior_gain`` scales
+        # its learning rate (Adam steps are ~lr whatever the parameter's scale).
+        self.prior_gain = float(prior_gain)
+        # the prior describes where organs lie in a whole, foreground-cropped scan; a user of the head
+        # on patches (the stage 2 segmenter) turns it off
+        self.use_position_prior = True
+        self.position_logits = None
+        if position_prior is not None:
+            grid = tuple(int(v) for v in position_prior)
+            if len(grid) != spatial_dims or min(grid) < 1:
+                raise ValueError(
+                    f"position_prior={list(position_prior)} must be {spatial_dims} positive grid sizes"
+                )
+            self.position_logits = nn.Parameter(torch.zeros(num_tags, *grid))
         if not 0.0 <= mask_min_inside <= 1.0:
             raise ValueError(f"mask_min_inside={mask_min_inside} must be in [0, 1]")
         if mask_margin < 0:
@@ -122,11 +141,22 @@ class PixelTagAttention(nn.Module):
         self.head_weight = nn.Parameter(torch.randn(num_tags, dim, num_outputs) / math.sqrt(dim))
         self.head_bias = nn.Parameter(torch.zeros(num_tags, num_outputs))
 
+    def position_scores(self, spatial: Sequence[int]) -> torch.Tensor:
+        """``[num_tags, *spatial]``: the learned location prior on a map of this size (zeros when off)."""
+        if self.position_logits is None:
+            return torch.zeros(self.num_tags, *spatial, device=self.queries.device)
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[self.spatial_dims]
+        prior = F.interpolate(self.position_logits[None], size=tuple(spatial), mode=mode, align_corners=False)
+        return prior[0] * self.prior_gain
+
     def _inside(self, mask: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
         return _inside_cells(mask, spatial, self.mask_min_inside, self.mask_margin)
 
     def forward(
-        self, features: torch.Tensor, mask: torch.Tensor | None = None, values: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tag logits and pixel-tag attention maps.
 
@@ -156,6 +186,8 @@ class PixelTagAttention(nn.Module):
         scores = torch.einsum("htd,bhnd->bhtn", q, k) / math.sqrt(d)  # [B, h, T, N]
         if self.log_sharpness is not None:
             scores = scores * self.log_sharpness.exp()[None, None, :, None]
+        if self.position_logits is not None and self.use_position_prior:
+            scores = scores + self.position_scores(spatial).flatten(1)[None, None]
 
         if mask is not None:
             inside = self._inside(mask, spatial).unsqueeze(1)  # [B, 1, 1, N]
@@ -278,6 +310,8 @@ class TagAttentionHead(nn.Module):
         mask_margin: int = 0,
         residual_average: bool = True,
         init_sharpness: float = 1.0,
+        position_prior: Sequence[int] | None = None,
+        prior_gain: float = 10.0,
     ) -> None:
         super().__init__()
         if value_source not in ("level0", "patch"):
@@ -302,6 +336,8 @@ class TagAttentionHead(nn.Module):
             "mask_margin": mask_margin,
             "residual_average": residual_average,
             "init_sharpness": init_sharpness,
+            "position_prior": None if position_prior is None else [int(v) for v in position_prior],
+            "prior_gain": prior_gain,
         }
         self.value_source = value_source
         self.patch_embed = None
@@ -334,6 +370,8 @@ class TagAttentionHead(nn.Module):
             mask_margin=mask_margin,
             residual_average=residual_average,
             init_sharpness=init_sharpness,
+            position_prior=position_prior,
+            prior_gain=prior_gain,
         )
 
     def head_config(self) -> dict[str, Any]:

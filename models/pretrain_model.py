@@ -83,7 +83,10 @@ class MosmosPretrainModel(nn.Module):
         attn_margin: int = 0,
         attn_residual_average: bool = True,
         attn_init_sharpness: float = 1.0,
+        attn_position_prior: tuple[int, ...] | None = None,
+        attn_prior_gain: float = 10.0,
         image_embedding_grad: float = 1.0,
+        embedding_from_tags: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(image_encoder, ImageEncoder):
@@ -130,9 +133,16 @@ class MosmosPretrainModel(nn.Module):
         # pushes the encoder towards noise early on (measured: present-tag AUROC 0.65 vs 0.88).
         self.image_embedding_grad = image_embedding_grad
 
+        if embedding_from_tags and not (num_tags and text_encoder is not None):
+            raise ValueError("embedding_from_tags needs a tag branch (num_tags > 0) and a text encoder")
+        # The image embedding may also read the tag head's logits: what the report says organ by organ
+        # (status, findings) is then in the embedding the report is matched with, instead of having to
+        # be re-learned from the pooled features by the projection alone.
+        self.embedding_from_tags = embedding_from_tags
         if text_encoder is not None:
             # Both projections exist only with a text side: unused parameters break DDP.
-            self.image_proj = ProjectionHead(image_encoder.embed_dim, embed_dim)
+            proj_in = image_encoder.embed_dim + (num_tags * num_outputs if embedding_from_tags else 0)
+            self.image_proj = ProjectionHead(proj_in, embed_dim)
             self.text_proj = ProjectionHead(text_encoder.output_dim, embed_dim)
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         if num_tags:
@@ -153,6 +163,8 @@ class MosmosPretrainModel(nn.Module):
                 mask_margin=attn_margin,
                 residual_average=attn_residual_average,
                 init_sharpness=attn_init_sharpness,
+                position_prior=attn_position_prior,
+                prior_gain=attn_prior_gain,
             )
 
     def _image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -175,7 +187,12 @@ class MosmosPretrainModel(nn.Module):
 
     def encode_image(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised image embedding ``[B, E]`` (joint space; pooled features without text)."""
-        return self._image_embedding(self.image_encoder(image, mask)["pooled"])
+        enc = self.image_encoder(image, mask)
+        pooled = enc["pooled"]
+        if self.embedding_from_tags:
+            logits, _ = self.tag_head(enc["features"], mask, image)
+            pooled = torch.cat([pooled, logits.flatten(1)], dim=1)
+        return self._image_embedding(pooled)
 
     def encode_text(
         self,
@@ -211,18 +228,21 @@ class MosmosPretrainModel(nn.Module):
             and ``attn_stride`` when ``num_tags > 0``.
         """
         enc = self.image_encoder(image, mask)
+        out: dict[str, Any] = {"pooled": enc["pooled"]}
+        if self.num_tags:
+            out["tag_logits"], out["attn_maps"] = self.tag_head(enc["features"], mask, image)
+            out["attn_stride"] = self.attn_stride
         pooled = enc["pooled"]
+        if self.embedding_from_tags:
+            pooled = torch.cat([pooled, out["tag_logits"].flatten(1)], dim=1)
         if self.image_embedding_grad < 1.0:
             g = self.image_embedding_grad
             pooled = pooled * g + pooled.detach() * (1.0 - g)  # same value, scaled gradient
-        out: dict[str, Any] = {"image_emb": self._image_embedding(pooled), "pooled": enc["pooled"]}
+        out["image_emb"] = self._image_embedding(pooled)
         if self.text_encoder is not None:
             out["logit_scale"] = self.logit_scale.clamp(max=self.max_log_scale).exp()
             if input_ids is not None:
                 out["text_emb"] = self.encode_text(input_ids, attention_mask, text_cache_keys)
-        if self.num_tags:
-            out["tag_logits"], out["attn_maps"] = self.tag_head(enc["features"], mask, image)
-            out["attn_stride"] = self.attn_stride
         return out
 
     def attention_maps(

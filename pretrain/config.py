@@ -74,6 +74,11 @@ class PretrainModel:
     attention_init_sharpness: float = (
         1.0  # initial multiplier of the attention scores (learned per tag when != 1)
     )
+    # the image embedding also reads the tag head's logits (organ-by-organ status), not only pooled features
+    embedding_from_tags: bool = False
+    # learned per-tag location prior on a coarse grid (e.g. [8, 8, 4]) added to the attention scores
+    attention_position_prior: list[int] | None = None
+    attention_prior_gain: float = 10.0  # multiplier of the prior's parameters (its learning rate relative to lr)
     init_temperature: float = 0.07  # CLIP temperature at start (learnable)
     max_logit_scale: float = 100.0  # clamp of 1/temperature
 
@@ -86,6 +91,7 @@ class PretrainTrain(TrainConfig):
     pooled_tag_weight: float = 1.0  # tags predicted linearly from the encoder's pooled features (0 disables)
     tag_loss: Literal["bce", "asl"] = "bce"  # multi-label loss
     class_balance: bool = True  # weight tag classes by training-set frequency
+    text_lr_scale: float = 1.0  # learning rate of the text encoder relative to train.lr
     queue_size: int = 0  # memory queue of past embeddings as extra negatives (0: off)
     # share of the image-embedding (contrastive, embedding-tag) gradient that reaches the image encoder;
     # 0: the encoder learns from the tag heads only and the text tower aligns to it (LiT)
@@ -101,6 +107,8 @@ class PretrainTrain(TrainConfig):
             raise ConfigError("train.contrastive_weight and train.tag_weight must be >= 0, not both 0")
         if self.embedding_tag_weight < 0 or self.pooled_tag_weight < 0:
             raise ConfigError("train.embedding_tag_weight and train.pooled_tag_weight must be >= 0")
+        if not self.text_lr_scale > 0:
+            raise ConfigError(f"train.text_lr_scale={self.text_lr_scale} must be > 0")
         if self.queue_size < 0:
             raise ConfigError(f"train.queue_size={self.queue_size} must be >= 0")
         if not 0.0 <= self.image_embedding_grad <= 1.0:

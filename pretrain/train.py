@@ -96,7 +96,10 @@ class PretrainTask:
             attn_margin=cfg.model.attention_margin,
             attn_residual_average=cfg.model.attention_residual_average,
             attn_init_sharpness=cfg.model.attention_init_sharpness,
+            attn_position_prior=cfg.model.attention_position_prior,
+            attn_prior_gain=cfg.model.attention_prior_gain,
             image_embedding_grad=cfg.train.image_embedding_grad,
+            embedding_from_tags=cfg.model.embedding_from_tags and text_encoder is not None and cfg.train.tag_weight > 0,
             query_init=query_init,
             init_temperature=cfg.model.init_temperature,
             max_logit_scale=cfg.model.max_logit_scale,
@@ -118,6 +121,8 @@ class PretrainTask:
             pooled_tag_weight=cfg.train.pooled_tag_weight,
             pooled_dim=image_encoder.embed_dim,
         )
+        if cfg.train.text_lr_scale != 1.0:
+            self.lr_scale = {"model.text_encoder.": cfg.train.text_lr_scale}
         self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length)
 
     def step(self, model, batch) -> dict[str, torch.Tensor]:

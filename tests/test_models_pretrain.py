@@ -222,6 +222,36 @@ def test_all_masked_input_stays_finite():
     assert torch.isfinite(features.grad).all()
 
 
+def test_position_prior_moves_the_peak_and_learns():
+    """The location prior adds its (upsampled) score offsets per tag: with features that carry no
+    location, the attention is the softmax of the prior itself, and the prior gets a gradient."""
+    torch.manual_seed(0)
+    pta = PixelTagAttention(feature_dim=4, num_tags=2, dim=8, position_prior=(2, 2, 2), prior_gain=1.0)
+    with torch.no_grad():
+        pta.position_logits.zero_()
+        pta.position_logits[0, 1, 0, 1] = 3.0  # tag 0 prefers the +x, -y, +z octant
+        pta.position_logits[1, 0, 1, 0] = 3.0
+    features = torch.randn(1, 4, 1, 1, 1).expand(1, 4, 4, 4, 4)  # the same feature everywhere
+    logits, attn = pta(features)
+    prior = F.interpolate(pta.position_logits.detach()[None], size=(4, 4, 4), mode="trilinear")[0]
+    torch.testing.assert_close(attn[0].flatten(1), torch.softmax(prior.flatten(1), dim=1))
+    assert tuple(torch.nonzero(attn[0, 0] == attn[0, 0].max())[0]) == (3, 0, 3)
+    assert tuple(torch.nonzero(attn[0, 1] == attn[0, 1].max())[0]) == (0, 3, 0)
+    (logits[:, :, 0] * torch.randn(1, 2)).sum().backward()
+    assert pta.position_logits.grad is not None
+    # the gain scales the prior's scores (and so its effective learning rate)
+    assert torch.allclose(
+        PixelTagAttention(4, 2, dim=8, position_prior=(2, 2, 2), prior_gain=2.0).position_scores((4, 4, 4)),
+        torch.zeros(2, 4, 4, 4),
+    )
+    with pytest.raises(ValueError, match="position_prior"):
+        PixelTagAttention(feature_dim=4, num_tags=2, position_prior=(2, 2))
+    head = TagAttentionHead([4, 6], num_tags=2, attn_level=0, dim=8, position_prior=[3, 3, 2])
+    rebuilt = TagAttentionHead(**head.head_config())
+    assert rebuilt.pixel_tag.position_logits.shape == (2, 3, 3, 2)
+    rebuilt.load_state_dict(head.state_dict())
+
+
 def test_query_init_and_per_tag_heads():
     init = torch.randn(3, 10)
     pta = PixelTagAttention(feature_dim=4, num_tags=3, dim=8, query_init=init)
@@ -297,6 +327,22 @@ def test_pretrain_model_shapes_and_every_gradient(attn_values):
     ]
     assert not missing
     torch.testing.assert_close(model.encode_image(image, mask), out["image_emb"])
+
+
+def test_image_embedding_from_tag_logits():
+    """embedding_from_tags: the projection reads [pooled, tag logits]; the contrastive gradient then
+    reaches the tag head too, and encode_image gives the forward's embedding."""
+    torch.manual_seed(0)
+    model = MosmosPretrainModel(tiny_encoder(), tiny_text(), embed_dim=8, num_tags=3, tag_dim=8,
+                                embedding_from_tags=True)
+    assert model.image_proj.net[0].in_features == model.image_encoder.embed_dim + 3 * 2
+    image, mask, ids, am = batch()
+    out = model(image, mask, input_ids=ids, attention_mask=am)
+    ClipLoss()(out["image_emb"], out["text_emb"], out["logit_scale"]).backward()
+    assert model.tag_head.pixel_tag.head_weight.grad.abs().sum() > 0
+    torch.testing.assert_close(model.encode_image(image, mask), out["image_emb"])
+    with pytest.raises(ValueError, match="embedding_from_tags"):
+        MosmosPretrainModel(tiny_encoder(), None, num_tags=3, embedding_from_tags=True)
 
 
 def test_tags_only_ablation_and_frozen_text():

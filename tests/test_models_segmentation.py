@@ -222,6 +222,28 @@ def test_patch_value_head_gets_the_image():
     assert net(torch.randn(1, 1, 32, 32, 16)).shape == (1, 2, 32, 32, 16)
 
 
+def test_segmenter_turns_the_location_prior_off():
+    """A stage 1 head's location prior describes whole scans; on a segmenter's patches it is off
+    (the maps equal those of the same head without it) and frozen, but its weights still load."""
+    torch.manual_seed(0)
+    encoder = tiny_encoder(3)
+    head = tiny_head(encoder, position_prior=[2, 2, 2])
+    with torch.no_grad():
+        head.pixel_tag.position_logits.normal_()
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    net = create_model("segmenter", "unet", encoder=encoder, num_classes=2, attention_head=head)
+    assert not head.pixel_tag.use_position_prior and not head.pixel_tag.position_logits.requires_grad
+    net.attention_head.load_state_dict(state)
+    plain = tiny_head(encoder)
+    plain.load_state_dict({k: v for k, v in state.items() if k != "pixel_tag.position_logits"})
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        features = encoder.forward_features(x)
+        torch.testing.assert_close(net.attention_head(features, image=x)[1], plain(features, image=x)[1])
+        head.pixel_tag.use_position_prior = True
+        assert (net.attention_head(features, image=x)[1] - plain(features, image=x)[1]).abs().max() > 1e-4
+
+
 def test_head_must_match_encoder():
     encoder = tiny_encoder(3)
     other = TagAttentionHead([8, 16, 32, 24], num_tags=2, attn_level=1, dim=8)

@@ -44,13 +44,19 @@ HEAD_PARAMETERS_WITHOUT_MAPS = (
 
 def freeze_unused_head_parameters(head: TagAttentionHead) -> list[str]:
     """Set ``requires_grad=False`` on the head's parameters that cannot affect its attention maps
-    (:data:`HEAD_PARAMETERS_WITHOUT_MAPS`) and return their names.
+    (:data:`HEAD_PARAMETERS_WITHOUT_MAPS`), turn off its location prior (if any: patches are not
+    whole scans) and freeze it too, and return their names.
 
     The segmenter reads only the maps, so these parameters would never get a gradient: frozen, they
     stay out of the optimizer and do not trip DDP's unused-parameter check. They are still loaded
     from the stage 1 export, so the head's state dict keeps its stage 1 layout.
     """
     names = [n for n, _ in head.named_parameters() if n.startswith(HEAD_PARAMETERS_WITHOUT_MAPS)]
+    if head.pixel_tag.position_logits is not None:
+        # The location prior was learned on whole, foreground-cropped scans; a segmenter's input is a
+        # patch anywhere in the body, where it would point the maps at the wrong place.
+        head.pixel_tag.use_position_prior = False
+        names.append("pixel_tag.position_logits")
     for n, p in head.named_parameters():
         if n in names:
             p.requires_grad_(False)
