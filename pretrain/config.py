@@ -78,7 +78,7 @@ class PretrainModel:
     embedding_from_tags: bool = False
     # learned per-tag location prior on a coarse grid (e.g. [8, 8, 4]) added to the attention scores
     attention_position_prior: list[int] | None = None
-    attention_prior_gain: float = 10.0  # multiplier of the prior's parameters (its learning rate relative to lr)
+    attention_prior_gain: float = 10.0  # scale of the prior (and of its learning rate)
     init_temperature: float = 0.07  # CLIP temperature at start (learnable)
     max_logit_scale: float = 100.0  # clamp of 1/temperature
 

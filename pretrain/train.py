@@ -99,7 +99,9 @@ class PretrainTask:
             attn_position_prior=cfg.model.attention_position_prior,
             attn_prior_gain=cfg.model.attention_prior_gain,
             image_embedding_grad=cfg.train.image_embedding_grad,
-            embedding_from_tags=cfg.model.embedding_from_tags and text_encoder is not None and cfg.train.tag_weight > 0,
+            embedding_from_tags=cfg.model.embedding_from_tags
+            and text_encoder is not None
+            and cfg.train.tag_weight > 0,
             query_init=query_init,
             init_temperature=cfg.model.init_temperature,
             max_logit_scale=cfg.model.max_logit_scale,

@@ -333,8 +333,9 @@ def test_image_embedding_from_tag_logits():
     """embedding_from_tags: the projection reads [pooled, tag logits]; the contrastive gradient then
     reaches the tag head too, and encode_image gives the forward's embedding."""
     torch.manual_seed(0)
-    model = MosmosPretrainModel(tiny_encoder(), tiny_text(), embed_dim=8, num_tags=3, tag_dim=8,
-                                embedding_from_tags=True)
+    model = MosmosPretrainModel(
+        tiny_encoder(), tiny_text(), embed_dim=8, num_tags=3, tag_dim=8, embedding_from_tags=True
+    )
     assert model.image_proj.net[0].in_features == model.image_encoder.embed_dim + 3 * 2
     image, mask, ids, am = batch()
     out = model(image, mask, input_ids=ids, attention_mask=am)
