@@ -470,7 +470,13 @@ class Engine:
                 step=self.global_step,
             )
             write_json(self.output_dir / "metrics.json", {"history": self.history, "final": record})
-            acc.print("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            # per-organ entries ("pointing_game/liver") go to TensorBoard and metrics.json only
+            acc.print(
+                "eval "
+                + " ".join(
+                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k
+                )
+            )
         acc.wait_for_everyone()
 
     def fit(self) -> list[dict]:

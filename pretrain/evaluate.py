@@ -38,9 +38,14 @@ def collect_outputs(model, loader: DataLoader, device: torch.device, max_cases: 
 
 
 def tag_metrics(
-    logits: torch.Tensor, tags: torch.Tensor, organ_names: list[str], prefix: str = "tag"
+    logits: torch.Tensor,
+    tags: torch.Tensor,
+    organ_names: list[str],
+    prefix: str = "tag",
+    per_organ: bool = False,
 ) -> dict:
-    """Macro AUROC / AP of ``[N, O, 2]`` (present, abnormal) logits: per kind and over all tags."""
+    """Macro AUROC / AP of ``[N, O, 2]`` (present, abnormal) logits: per kind and over all tags, and
+    with ``per_organ`` each tag's AUROC as ``{prefix}_AUROC/{organ}/{kind}``."""
     n = len(tags)
     names = [f"{o}/{kind}" for o in organ_names for kind in ("present", "abnormal")]
     result = tag_auroc_ap(logits.reshape(n, -1).numpy(), tags.long().reshape(n, -1).numpy(), names)
@@ -51,6 +56,10 @@ def tag_metrics(
             vals = [v[field] for k, v in per_tag.items() if k.endswith(kind) and v.get(field) is not None]
             if vals:
                 metrics[f"{prefix}_{kind}_{label}"] = float(np.mean(vals))
+    if per_organ:
+        for name, v in per_tag.items():
+            if v.get("auroc") is not None:
+                metrics[f"{prefix}_AUROC/{name}"] = float(v["auroc"])
     if result.get("mean_auroc") is not None:
         metrics[f"{prefix}_AUROC"] = float(result["mean_auroc"])
     if result.get("mean_ap") is not None:
@@ -79,7 +88,7 @@ def compute_metrics(
         metrics.update(tag_metrics(logits, outputs["tags"], organ_names, prefix))
     if outputs["tag_logits"] is None:  # contrastive-only ablation: no tag branch
         return metrics
-    metrics.update(tag_metrics(outputs["tag_logits"], outputs["tags"], organ_names, "tag"))
+    metrics.update(tag_metrics(outputs["tag_logits"], outputs["tags"], organ_names, "tag", per_organ=True))
     if outputs["labels"] is not None and organ_label_ids is not None:
         labels = outputs["labels"]
         valid = torch.stack(
@@ -89,8 +98,11 @@ def compute_metrics(
             ],
             dim=1,
         )
-        pg = pointing_game(outputs["attn_maps"], labels, organ_label_ids, valid)
+        pg = pointing_game(outputs["attn_maps"], labels, organ_label_ids, valid, names=organ_names)
         if pg["pointing_game"] is not None:  # None when no (scan, organ) pair is visible
             metrics["pointing_game"] = float(pg["pointing_game"])
             metrics["attention_border_fraction"] = float(pg["border_fraction"])
+            for name, rate in pg["per_organ"].items():
+                if rate is not None:
+                    metrics[f"pointing_game/{name}"] = float(rate)
     return metrics

@@ -152,3 +152,23 @@ def test_save_attention_overlays(tmp_path):
     assert png.ndim == 3 and png.shape[0] > 50
     with pytest.raises(ValueError):
         save_attention_overlays(image, attn, ["liver"], tmp_path, "x")
+
+
+def test_compute_metrics_reports_each_organ():
+    """Per-organ pointing and tag AUROC in metrics.json, worked by hand: two scans, two organs."""
+    from pretrain.evaluate import compute_metrics
+
+    labels = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    labels[:, :, :2] = 1  # organ "a" fills the x < 2 half, organ "b" the other
+    labels[:, :, 2:] = 2
+    attn = torch.zeros(2, 2, 4, 4, 4)
+    attn[0, 0, 0, 0, 0] = attn[1, 0, 3, 0, 0] = 1.0  # "a": a hit, then a miss
+    attn[:, 1, 3, 3, 3] = 1.0  # "b": two hits
+    tags = torch.tensor([[[1, 1], [1, 0]], [[1, 0], [1, 1]]])
+    logits = torch.tensor([[[0.0, 2.0], [0.0, -1.0]], [[0.0, 1.0], [0.0, 3.0]]])
+    outputs = {"tags": tags, "tag_logits": logits, "attn_maps": attn, "labels": labels, "text_emb": None}
+    m = compute_metrics(outputs, ["a", "b"], [1, 2])
+    assert m["pointing_game"] == pytest.approx(3 / 4)
+    assert m["pointing_game/a"] == pytest.approx(0.5) and m["pointing_game/b"] == pytest.approx(1.0)
+    assert m["tag_AUROC/a/abnormal"] == pytest.approx(1.0) and m["tag_AUROC/b/abnormal"] == pytest.approx(1.0)
+    assert "tag_AUROC/a/present" not in m  # one class only: no AUROC
