@@ -20,6 +20,9 @@ from pretrain.config import PretrainConfig
 
 logger = logging.getLogger("mosmos")
 
+#: Parameter-name prefix of the text tower inside the objective (``train.text_lr_scale`` applies to it).
+TEXT_PARAMETERS = "model.text_encoder."
+
 
 def _organ_name_embeddings(tokenizer, text_encoder, vocab: Vocabulary) -> torch.Tensor:
     """The text encoder's embedding of each organ's name: the initial pixel-tag queries."""
@@ -124,7 +127,7 @@ class PretrainTask:
             pooled_dim=image_encoder.embed_dim,
         )
         if cfg.train.text_lr_scale != 1.0:
-            self.lr_scale = {"model.text_encoder.": cfg.train.text_lr_scale}
+            self.lr_scale = {TEXT_PARAMETERS: cfg.train.text_lr_scale}
         self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length)
 
     def step(self, model, batch) -> dict[str, torch.Tensor]:

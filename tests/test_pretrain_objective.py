@@ -114,3 +114,15 @@ def test_pooled_tag_head_is_a_jointly_trained_linear_probe():
     torch.testing.assert_close(
         losses["loss"], losses["contrastive"] + losses["tags"] + 2.0 * losses["pooled_tags"]
     )
+
+
+def test_text_lr_scale_prefix_names_the_text_tower():
+    """train.text_lr_scale reaches exactly the text encoder's parameters through the engine's groups."""
+    from mosmos.engine import parameter_groups
+    from pretrain.train import TEXT_PARAMETERS
+
+    objective = PretrainObjective(_model(), contrastive_weight=1.0, tag_weight=1.0)
+    groups = parameter_groups(objective, 0.01, {TEXT_PARAMETERS: 0.1})
+    scaled = {id(p) for g in groups if g["lr_scale"] == 0.1 for p in g["params"]}
+    text = {id(p) for p in objective.model.text_encoder.parameters()}
+    assert scaled == text and len(text) > 0
