@@ -142,9 +142,7 @@ class PixelTagAttention(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(num_tags, num_outputs))
 
     def position_scores(self, spatial: Sequence[int]) -> torch.Tensor:
-        """``[num_tags, *spatial]``: the learned location prior on a map of this size (zeros when off)."""
-        if self.position_logits is None:
-            return torch.zeros(self.num_tags, *spatial, device=self.queries.device)
+        """``[num_tags, *spatial]``: the learned location prior (``position_prior`` set) on a map of this size."""
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[self.spatial_dims]
         prior = F.interpolate(self.position_logits[None], size=tuple(spatial), mode=mode, align_corners=False)
         return prior[0] * self.prior_gain
@@ -153,10 +151,7 @@ class PixelTagAttention(nn.Module):
         return _inside_cells(mask, spatial, self.mask_min_inside, self.mask_margin)
 
     def forward(
-        self,
-        features: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        values: torch.Tensor | None = None,
+        self, features: torch.Tensor, mask: torch.Tensor | None = None, values: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tag logits and pixel-tag attention maps.
 
