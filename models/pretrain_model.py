@@ -171,6 +171,13 @@ class MosmosPretrainModel(nn.Module):
                 prior_gain=attn_prior_gain,
             )
 
+    def _embedding_input(self, pooled: torch.Tensor, tag_logits: torch.Tensor | None) -> torch.Tensor:
+        """What the image projection reads: the pooled features, plus the tag logits with
+        ``embedding_from_tags``."""
+        if not self.embedding_from_tags:
+            return pooled
+        return torch.cat([pooled, tag_logits.flatten(1)], dim=1)
+
     def _image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.text_encoder is not None:
             pooled = self.image_proj(pooled)
@@ -192,11 +199,8 @@ class MosmosPretrainModel(nn.Module):
     def encode_image(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised image embedding ``[B, E]`` (joint space; pooled features without text)."""
         enc = self.image_encoder(image, mask)
-        pooled = enc["pooled"]
-        if self.embedding_from_tags:
-            logits, _ = self.tag_head(enc["features"], mask, image)
-            pooled = torch.cat([pooled, logits.flatten(1)], dim=1)
-        return self._image_embedding(pooled)
+        logits = self.tag_head(enc["features"], mask, image)[0] if self.embedding_from_tags else None
+        return self._image_embedding(self._embedding_input(enc["pooled"], logits))
 
     def encode_text(
         self,
@@ -236,9 +240,7 @@ class MosmosPretrainModel(nn.Module):
         if self.num_tags:
             out["tag_logits"], out["attn_maps"] = self.tag_head(enc["features"], mask, image)
             out["attn_stride"] = self.attn_stride
-        pooled = enc["pooled"]
-        if self.embedding_from_tags:
-            pooled = torch.cat([pooled, out["tag_logits"].flatten(1)], dim=1)
+        pooled = self._embedding_input(enc["pooled"], out.get("tag_logits"))
         if self.image_embedding_grad < 1.0:
             g = self.image_embedding_grad
             pooled = pooled * g + pooled.detach() * (1.0 - g)  # same value, scaled gradient
