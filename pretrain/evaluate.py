@@ -102,7 +102,9 @@ def compute_metrics(
         if pg["pointing_game"] is not None:  # None when no (scan, organ) pair is visible
             metrics["pointing_game"] = float(pg["pointing_game"])
             metrics["attention_border_fraction"] = float(pg["border_fraction"])
+            metrics["attention_mass_in_organ"] = float(pg["attention_mass"])
             for name, rate in pg["per_organ"].items():
                 if rate is not None:
                     metrics[f"pointing_game/{name}"] = float(rate)
+                    metrics[f"attention_mass_in_organ/{name}"] = float(pg["per_organ_mass"][name])
     return metrics

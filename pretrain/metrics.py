@@ -166,8 +166,11 @@ def pointing_game(
     Returns:
         ``pointing_game`` (hits / counted pairs; ``None`` when nothing counts), ``pointing_hits``,
         ``pointing_count``, ``border_fraction`` (share of peaks on the outer 1-voxel border of the
-        attention grid, over valid pairs; ``None`` without any) and, with ``names``, ``per_organ``
-        (``{name: hit rate or None}``).
+        attention grid, over valid pairs; ``None`` without any), ``attention_mass`` (mean share of
+        the map, carried to the label grid, that falls inside the organ over the counted pairs: the
+        "energy" pointing game of Score-CAM, Wang et al. 2020, which tells a diffuse map from a
+        misplaced one; ``None`` when nothing counts) and, with ``names``, ``per_organ``
+        (``{name: hit rate or None}``) and ``per_organ_mass``.
     """
     a = _t(attn_maps).float()
     lab = _t(labels)
@@ -187,6 +190,7 @@ def pointing_game(
     labelled = torch.tensor([i is not None for i in organ_label_ids])
     hits = torch.zeros(t, dtype=torch.long)
     counts = torch.zeros(t, dtype=torch.long)
+    mass = torch.zeros(t, dtype=torch.float64)
     on_border = n_valid = 0
     scale = torch.tensor(target, dtype=torch.float64) / torch.tensor(spatial, dtype=torch.float64)
     for s in range(n):
@@ -201,26 +205,36 @@ def pointing_game(
         if sel.numel() == 0:
             continue
         if target == spatial:
-            peak = _argmax_coords(a[s, sel])
+            up = a[s, sel]
+            peak = _argmax_coords(up)
         elif mode == "trilinear":
             interp = "trilinear" if len(spatial) == 3 else "bilinear"
             up = F.interpolate(a[s, sel][None], size=target, mode=interp, align_corners=False)[0]
             peak = _argmax_coords(up)
         else:
+            up = F.interpolate(a[s, sel][None], size=target, mode="nearest")[0]
             peak = ((_argmax_coords(a[s, sel]).double() + 0.5) * scale).floor().long()
         value = lab[s, 0][tuple(peak.T)]
         hits[sel] += (value.long() == ids[sel]).long()
         counts[sel] += 1
+        organ = lab[s, 0][None].long() == ids[sel].view(-1, *([1] * len(target)))
+        up = up.double().clamp_min(0).flatten(1)
+        inside = (up * organ.flatten(1)).sum(1) / up.sum(1).clamp_min(1e-12)
+        mass[sel] += inside
     total = int(counts.sum())
     out: dict[str, Any] = {
         "pointing_game": float(hits.sum()) / total if total else None,
         "pointing_hits": int(hits.sum()),
         "pointing_count": total,
         "border_fraction": on_border / n_valid if n_valid else None,
+        "attention_mass": float(mass.sum()) / total if total else None,
     }
     if names is not None:
         out["per_organ"] = {
             name: float(hits[j]) / int(counts[j]) if counts[j] else None for j, name in enumerate(names)
+        }
+        out["per_organ_mass"] = {
+            name: float(mass[j]) / int(counts[j]) if counts[j] else None for j, name in enumerate(names)
         }
     return out
 

@@ -136,6 +136,26 @@ def test_pointing_game_same_resolution_and_empty():
     assert r["pointing_count"] == 3 and "per_organ" not in r
     none = pointing_game(attn, labels, ids, torch.zeros_like(valid))
     assert none["pointing_game"] is None and none["border_fraction"] is None
+    assert none["attention_mass"] is None
+
+
+def test_pointing_game_attention_mass():
+    """The energy variant: one-hot cells carried to the label grid, and random maps checked in numpy."""
+    attn, labels, ids, valid = _pointing_case()
+    r = pointing_game(attn, labels, ids, valid, names=["liver", "spleen", "kidney"], mode="nearest")
+    # liver cell (1,1,1) covers voxels 2:4, all liver; spleen's corner cell none of the spleen;
+    # scan 1's spleen cell (2,2,2) covers voxels 4:6, all spleen
+    assert r["per_organ_mass"] == {"liver": 1.0, "spleen": 0.5, "kidney": None}
+    assert r["attention_mass"] == pytest.approx(2 / 3)
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 2, 6, 5, 4)) ** 4
+    lab = rng.integers(0, 3, size=(3, 1, 6, 5, 4))
+    ok = np.ones((3, 2), dtype=bool)
+    r = pointing_game(torch.from_numpy(maps), torch.from_numpy(lab), [1, 2], torch.from_numpy(ok))
+    expected = np.mean(
+        [maps[s, t][lab[s, 0] == t + 1].sum() / maps[s, t].sum() for s in range(3) for t in range(2)]
+    )
+    assert r["attention_mass"] == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- overlays
