@@ -25,8 +25,13 @@ _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _MARK = "_mosmos_channels_last"
 
 
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The parameters and buffers ``module`` holds itself (not its children's)."""
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+
+
 def _contiguous_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+    for name, _ in _own_tensors(module):
         key = prefix + name
         value = state_dict.get(key)
         if isinstance(value, torch.Tensor) and not value.is_contiguous():
@@ -49,9 +54,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         converted = False
-        for _, tensor in list(module.named_parameters(recurse=False)) + list(
-            module.named_buffers(recurse=False)
-        ):
+        for _, tensor in _own_tensors(module):
             fmt = _FORMATS.get(tensor.ndim)
             if fmt is None:
                 continue
