@@ -7,6 +7,7 @@ from typing import Literal
 
 from mosmos.engine import TrainConfig
 from mosmos.errors import ConfigError
+from mosmos.transforms import resolve_augment
 
 SEGMENTERS = ("mo_ctrans", "unet", "unetr")
 
@@ -36,6 +37,8 @@ class FinetuneData:
     balance: Literal["sqrt", "equal", "proportional"] = "sqrt"
     samples_per_epoch: int | None = None  # patches per epoch (default: the number of training cases)
     augment: bool = True  # random affine / intensity augmentation of training patches
+    # overrides of the augmentation's defaults (mosmos.transforms.AUGMENT_DEFAULTS), e.g. {rotate_deg: 15}
+    augment_options: dict = field(default_factory=dict)
     cache_dir: str | None = None  # preprocessed-volume cache (default: OUTPUT_DIR/../.cache/finetune)
     # the start-up checks of every case used (see `mosmos check`): "full" reads the voxels too (NaN/inf,
     # label values, truncated files; results cached per file), "header" only headers, "none" skips them
@@ -47,6 +50,7 @@ class FinetuneData:
     def validate(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"data.fraction={self.fraction} must be in (0, 1]")
+        resolve_augment(self.augment_options, "data.augment_options")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):

@@ -235,13 +235,14 @@ class PatchDataset(Dataset):
         foreground_fraction: float = 0.33,
         augment: bool = True,
         case_ids: list[str] | None = None,
+        augment_options: dict | None = None,
     ) -> None:
         self.cached, self.task_of_case, self.tasks = cached, task_of_case, tasks
         self.patch = tuple(pre.size)
         self.seed, self.samples = seed, samples_per_epoch
         self.weights = case_weights(task_of_case, balance)
         self.foreground_fraction = foreground_fraction
-        self.augment = build_augment(pre, ("image",), ("label",)) if augment else None
+        self.augment = build_augment(pre, ("image",), ("label",), augment_options) if augment else None
         self.case_ids = case_ids or [str(i) for i in range(len(task_of_case))]
         self.epoch = 0
 
@@ -316,5 +317,6 @@ def build_train_dataset(cfg: FinetuneConfig, data: SegData, output_dir: Path) ->
         balance=cfg.data.balance,
         foreground_fraction=cfg.data.foreground_fraction,
         augment=cfg.data.augment,
+        augment_options=cfg.data.augment_options,
         case_ids=[c.case_id for c, _ in data.train],
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import asdict, dataclass, fields
@@ -284,18 +285,21 @@ def _final_types(keys: list[str], label_keys: list[str]) -> list:
     return out
 
 
-def resolve_augment(augment: Mapping[str, float] | None) -> dict[str, float]:
-    """:data:`AUGMENT_DEFAULTS` updated by ``augment``; unknown keys and bad probabilities are errors."""
+def resolve_augment(augment: Mapping[str, float] | None, what: str = "augment") -> dict[str, float]:
+    """:data:`AUGMENT_DEFAULTS` updated by ``augment``; unknown keys and bad values are errors that
+    name ``what`` (the config key the overrides came from)."""
     out = dict(AUGMENT_DEFAULTS)
+    if augment is not None and not isinstance(augment, Mapping):
+        raise ConfigError(f"{what} must be a mapping of augmentation settings, got {augment!r}")
     for k, v in (augment or {}).items():
         if k not in out:
-            raise ConfigError(f"unknown augment key {k!r}; valid keys: {sorted(out)}")
+            raise ConfigError(f"{what}: unknown key {k!r}; valid keys: {sorted(out)}")
         try:
             out[k] = float(v)
         except (TypeError, ValueError):
-            raise ConfigError(f"augment.{k} must be a number, got {v!r}") from None
-        if out[k] < 0 or (k in _PROB_KEYS and out[k] > 1):
-            raise ConfigError(f"augment.{k} must be {'in [0, 1]' if k in _PROB_KEYS else '>= 0'}, got {v!r}")
+            raise ConfigError(f"{what}.{k} must be a number, got {v!r}") from None
+        if not math.isfinite(out[k]) or out[k] < 0 or (k in _PROB_KEYS and out[k] > 1):
+            raise ConfigError(f"{what}.{k} must be {'in [0, 1]' if k in _PROB_KEYS else '>= 0'}, got {v!r}")
     return out
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from mosmos.engine import TrainConfig
 from mosmos.errors import ConfigError
+from mosmos.transforms import resolve_augment
 
 
 @dataclass
@@ -26,6 +27,9 @@ class PretrainData:
     val_fraction: float = 0.15  # held-out share of cases, split by seed
     cache_dir: str | None = None  # preprocessed-volume cache (default: OUTPUT_DIR/../.cache/pretrain)
     augment: bool = True  # random affine / intensity augmentation of training images
+    # overrides of the augmentation's defaults (mosmos.transforms.AUGMENT_DEFAULTS), e.g.
+    # {rotate_deg: 0, scale: 0} for translations and intensity changes only
+    augment_options: dict = field(default_factory=dict)
     max_length: int = 256  # report tokens
     shuffle_reports: bool = False  # control experiment: pair every scan with another scan's report
     ground_truth: str | None = None  # folder with findings.json and labels/ (synthetic data: pointing game)
@@ -47,6 +51,7 @@ class PretrainData:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
         if not self.report_columns:
             raise ConfigError("data.report_columns must name at least one column")
+        resolve_augment(self.augment_options, "data.augment_options")
 
 
 @dataclass
@@ -123,6 +128,13 @@ class PretrainTrain(TrainConfig):
 class PretrainEval:
     attention_overlays: int = 4  # validation scans drawn to RUN/attention/*.png at the end
     max_cases: int | None = None  # cap on validation cases per evaluation
+    # pointing_game_tolerant also counts attention peaks this close to their organ (mm, voxel centres;
+    # the original pointing game allows 15 pixels); pointing_game stays the strict inside-the-organ rate
+    pointing_tolerance_mm: float = 12.0
+
+    def validate(self) -> None:
+        if not self.pointing_tolerance_mm >= 0:
+            raise ConfigError(f"eval.pointing_tolerance_mm={self.pointing_tolerance_mm} must be >= 0")
 
 
 @dataclass

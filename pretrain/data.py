@@ -293,6 +293,7 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
             preprocess,
             cache_dir=cache_dir,
             train=train and d.augment,
+            augment=d.augment_options,
             label_paths=[label_paths[i] for i in idx] if (with_labels and label_paths) else None,
             seed=cfg.seed,
         )

@@ -72,11 +72,16 @@ def compute_metrics(
     organ_names: list[str],
     organ_label_ids: list[int | None] | None,
     extra_tag_logits: dict[str, torch.Tensor] | None = None,
+    spacing: list[float] | None = None,
+    tolerance_mm: float = 0.0,
 ) -> dict:
     """Scalar metrics for ``metrics.json`` from :func:`collect_outputs`.
 
     ``tag_*`` score the pixel-tag attention's logits; ``extra_tag_logits`` maps a metric prefix to
     other heads' ``[N, O, 2]`` logits (the tag heads on the image embedding and pooled features).
+    With ``spacing`` (mm, of the label maps) the pointing game is also scored with a tolerance of
+    ``tolerance_mm`` (``pointing_game_tolerant``), with the median distance of the attention peaks to
+    their organs (``attention_peak_distance_mm``), overall and per organ.
     """
     metrics: dict[str, float] = {}
     n = len(outputs["tags"])
@@ -98,13 +103,27 @@ def compute_metrics(
             ],
             dim=1,
         )
-        pg = pointing_game(outputs["attn_maps"], labels, organ_label_ids, valid, names=organ_names)
+        pg = pointing_game(
+            outputs["attn_maps"],
+            labels,
+            organ_label_ids,
+            valid,
+            names=organ_names,
+            spacing=spacing,
+            tolerance_mm=tolerance_mm if spacing is not None else 0.0,
+        )
         if pg["pointing_game"] is not None:  # None when no (scan, organ) pair is visible
             metrics["pointing_game"] = float(pg["pointing_game"])
             metrics["attention_border_fraction"] = float(pg["border_fraction"])
             metrics["attention_mass_in_organ"] = float(pg["attention_mass"])
+            if pg.get("pointing_tolerant") is not None:
+                metrics["pointing_game_tolerant"] = float(pg["pointing_tolerant"])
+                metrics["attention_peak_distance_mm"] = float(pg["peak_distance_mm"])
             for name, rate in pg["per_organ"].items():
                 if rate is not None:
                     metrics[f"pointing_game/{name}"] = float(rate)
                     metrics[f"attention_mass_in_organ/{name}"] = float(pg["per_organ_mass"][name])
+                    if "per_organ_tolerant" in pg:
+                        metrics[f"pointing_game_tolerant/{name}"] = float(pg["per_organ_tolerant"][name])
+                        metrics[f"attention_peak_distance_mm/{name}"] = float(pg["per_organ_distance"][name])
     return metrics

@@ -149,6 +149,8 @@ def pointing_game(
     valid: ArrayLike,
     names: Sequence[str] | None = None,
     mode: str = "trilinear",
+    spacing: Sequence[float] | None = None,
+    tolerance_mm: float = 0.0,
 ) -> dict[str, Any]:
     """Hit rate of attention peaks inside the organ's ground-truth label.
 
@@ -162,6 +164,12 @@ def pointing_game(
             the map (linear interpolation) and takes its maximum; ``"nearest"`` maps the grid peak to
             the centre of its block (what nearest upsampling gives, without the corner bias of
             taking the first of the tied voxels).
+        spacing: voxel size of ``labels`` in mm (one per spatial axis); with it, the distance from
+            each peak to its organ is measured as well.
+        tolerance_mm: a peak this close to its organ (voxel centre to nearest organ voxel centre) also
+            counts as a hit in ``pointing_tolerant``: the tolerance of the original pointing game
+            (15 pixels in Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV
+            2016), which tells a peak just off the organ's edge from one elsewhere. Needs ``spacing``.
 
     Returns:
         ``pointing_game`` (hits / counted pairs; ``None`` when nothing counts), ``pointing_hits``,
@@ -170,7 +178,10 @@ def pointing_game(
         the map, carried to the label grid, that falls inside the organ over the counted pairs: the
         "energy" pointing game of Score-CAM, Wang et al. 2020, which tells a diffuse map from a
         misplaced one; ``None`` when nothing counts) and, with ``names``, ``per_organ``
-        (``{name: hit rate or None}``) and ``per_organ_mass``.
+        (``{name: hit rate or None}``) and ``per_organ_mass``. With ``spacing`` also
+        ``pointing_tolerant`` (hit rate within ``tolerance_mm``), ``peak_distance_mm`` (median distance
+        from peak to organ over the counted pairs, 0 for a hit) and, with ``names``,
+        ``per_organ_tolerant`` and ``per_organ_distance`` (median).
     """
     a = _t(attn_maps).float()
     lab = _t(labels)
@@ -186,6 +197,12 @@ def pointing_game(
     if mode not in ("trilinear", "nearest"):
         raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
     target = tuple(lab.shape[2:])
+    if spacing is not None and (len(spacing) != len(target) or min(spacing) <= 0):
+        raise ValueError(f"spacing must be {len(target)} positive voxel sizes (mm), got {list(spacing)}")
+    if tolerance_mm < 0 or (tolerance_mm > 0 and spacing is None):
+        raise ValueError(f"tolerance_mm={tolerance_mm} must be >= 0 and needs spacing")
+    mm = None if spacing is None else torch.tensor([float(v) for v in spacing], dtype=torch.float64)
+    distances: list[list[float]] = [[] for _ in range(t)]
     ids = torch.tensor([-1 if i is None else int(i) for i in organ_label_ids])
     labelled = torch.tensor([i is not None for i in organ_label_ids])
     hits = torch.zeros(t, dtype=torch.long)
@@ -218,6 +235,11 @@ def pointing_game(
         hits[sel] += (value.long() == ids[sel]).long()
         counts[sel] += 1
         organ = lab[s, 0][None].long() == ids[sel].view(-1, *([1] * len(target)))
+        if mm is not None:
+            for j, tag in enumerate(sel.tolist()):
+                voxels = torch.nonzero(organ[j]).double()
+                gap = ((voxels - peak[j].double()) * mm).norm(dim=1).min() if len(voxels) else torch.inf
+                distances[tag].append(float(gap))
         up = up.double().clamp_min(0).flatten(1)
         inside = (up * organ.flatten(1)).sum(1) / up.sum(1).clamp_min(1e-12)
         mass[sel] += inside
@@ -236,6 +258,18 @@ def pointing_game(
         out["per_organ_mass"] = {
             name: float(mass[j]) / int(counts[j]) if counts[j] else None for j, name in enumerate(names)
         }
+    if mm is not None:
+        near = [[d <= tolerance_mm + 1e-9 for d in ds] for ds in distances]
+        every = [d for ds in distances for d in ds]
+        out["pointing_tolerant"] = sum(map(sum, near)) / total if total else None
+        out["peak_distance_mm"] = float(np.median(every)) if every else None
+        if names is not None:
+            out["per_organ_tolerant"] = {
+                name: sum(near[j]) / len(near[j]) if near[j] else None for j, name in enumerate(names)
+            }
+            out["per_organ_distance"] = {
+                name: float(np.median(distances[j])) if distances[j] else None for j, name in enumerate(names)
+            }
     return out
 
 

@@ -150,7 +150,14 @@ class PretrainTask:
         if objective.pooled_tag_head is not None:
             pooled = objective.pooled_tag_head(outputs["pooled"].to(device)).cpu()
             extra["pooled_tag"] = pooled.view(len(pooled), -1, 2)
-        return compute_metrics(outputs, self.vocab.names, self.organ_label_ids, extra)
+        return compute_metrics(
+            outputs,
+            self.vocab.names,
+            self.organ_label_ids,
+            extra,
+            spacing=list(self.cfg.data.spacing),
+            tolerance_mm=self.cfg.eval.pointing_tolerance_mm,
+        )
 
 
 def export(task: PretrainTask, objective, output_dir: Path) -> None:
@@ -232,6 +239,7 @@ def run(cfg: PretrainConfig) -> dict:
             "tag_mAP",
             "tag_abnormal_AUROC",
             "pointing_game",
+            "pointing_game_tolerant",
             "attention_border_fraction",
         ):
             if key in final:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from finetune.config import FinetuneConfig
 from finetune.data import _split, build_seg_data, build_train_dataset, case_weights, resolve_preprocess
 from mosmos.config import load_config
+from mosmos.errors import ConfigError
 from mosmos.segdata import SegCase
 from mosmos.vocabulary import load_vocabulary
 from tests.conftest import REPO
@@ -103,3 +105,23 @@ def test_patches_are_seeded_by_epoch_and_index_and_only_labelled_organs_are_fore
         assert present <= labelled, (present, labelled)
         assert present  # foreground_fraction=1: every patch is centred on an organ
         assert item["task"].item() in (0, 1, 2)
+
+
+def test_augment_options_reach_the_patches(tiny_synth, tmp_path):
+    """With every random augmentation step off, a patch equals the same patch drawn without
+    augmentation; with noise always on, it differs."""
+    quiet = "data.augment_options={affine_prob: 0, intensity_prob: 0, noise_prob: 0}"
+    items = {}
+    for name, extra in (
+        ("quiet", [quiet]),
+        ("plain", ["data.augment=false"]),
+        ("noisy", ["data.augment_options={noise_prob: 1}"]),
+    ):
+        cfg = _cfg(tiny_synth, tmp_path, *extra)
+        data = build_seg_data(cfg, load_vocabulary(None))
+        data.preprocess = resolve_preprocess(cfg, None)
+        items[name] = build_train_dataset(cfg, data, tmp_path / "run")[0]["image"]
+    assert torch.equal(items["quiet"], items["plain"])
+    assert not torch.equal(items["noisy"], items["plain"])
+    with pytest.raises(ConfigError, match=r"data\.augment_options: unknown key 'rotate'"):
+        _cfg(tiny_synth, tmp_path, "data.augment_options={rotate: 5}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import nibabel as nib
@@ -156,6 +157,46 @@ def test_dataset_augmentation_seeded(cases):
     a = ds.set_random_state(5)[0]
     b = ds.set_random_state(5)[0]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_build_datasets_passes_augment_options(cases, tmp_path):
+    """data.augment_options reaches the training set: with every random step switched off, a
+    training item equals the unaugmented volume; the defaults change it."""
+    from mosmos.config import load_config
+    from mosmos.vocabulary import load_vocabulary
+    from pretrain.config import PretrainConfig
+    from pretrain.data import build_datasets
+
+    records, _, _ = cases
+    rows = [
+        {"VolumeName": Path(r["image"]).name, "Findings_EN": "Normal liver.", "Impressions_EN": "None."}
+        for r in records
+    ]
+    table = _write_table(tmp_path / "reports.csv", rows)  # 3 rows: 2 train, 1 val
+    base = [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.table={table}",
+        f"data.image_root={tmp_path / 'vol'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.spacing=[2,2,2]",
+        "data.size=[16,16,16]",
+        "data.val_fraction=0.34",
+        "data.check=none",
+    ]
+    off = "data.augment_options={affine_prob: 0, intensity_prob: 0, noise_prob: 0}"
+    cfg = load_config(PretrainConfig, None, [*base, off])
+    vocab = load_vocabulary(cfg.data.vocabulary)
+    quiet = build_datasets(cfg, vocab).train
+    plain = ImageReportDataset(quiet.records, quiet.tags, quiet.preprocess, cache_dir=tmp_path / "cache")
+    assert torch.equal(quiet[0]["image"], plain[0]["image"])
+    noisy = build_datasets(
+        load_config(PretrainConfig, None, [*base, "data.augment_options={noise_prob: 1}"]), vocab
+    )
+    assert not torch.equal(noisy.train[0]["image"], plain[0]["image"])
+    with pytest.raises(ConfigError, match=r"data\.augment_options: unknown key 'rotate'.*rotate_deg"):
+        load_config(PretrainConfig, None, [*base, "data.augment_options={rotate: 5}"])
+    with pytest.raises(ConfigError, match=r"data\.augment_options\.noise_prob must be in \[0, 1\]"):
+        load_config(PretrainConfig, None, [*base, "data.augment_options={noise_prob: 2}"])
 
 
 def test_dataset_errors(cases, tmp_path):

@@ -158,6 +158,46 @@ def test_pointing_game_attention_mass():
     assert r["attention_mass"] == pytest.approx(expected)
 
 
+def test_pointing_game_tolerance_and_peak_distance():
+    """Peaks off the organ by a hand-computed distance in mm (anisotropic voxels), and random cases
+    checked against scipy's Euclidean distance transform."""
+    from scipy.ndimage import distance_transform_edt
+
+    labels = torch.zeros(3, 1, 8, 8, 8, dtype=torch.int16)
+    labels[:, 0, 2:4, 2:4, 2:4] = 1
+    attn = torch.zeros(3, 1, 8, 8, 8)
+    attn[0, 0, 3, 3, 3] = 1  # inside: 0 mm
+    attn[1, 0, 5, 3, 3] = 1  # two voxels along x from voxel (3, 3, 3): 2 * 2 mm
+    attn[2, 0, 3, 3, 6] = 1  # three voxels along z from (3, 3, 3): 3 * 5 mm
+    valid = torch.ones(3, 1, dtype=torch.bool)
+    r = pointing_game(attn, labels, [1], valid, names=["liver"], spacing=(2, 3, 5), tolerance_mm=10)
+    assert r["pointing_game"] == pytest.approx(1 / 3)
+    assert r["pointing_tolerant"] == pytest.approx(2 / 3)  # 0 and 4 mm within 10 mm, 15 mm not
+    assert r["peak_distance_mm"] == pytest.approx(4.0)  # median of 0, 4, 15
+    assert r["per_organ_tolerant"] == {"liver": pytest.approx(2 / 3)}
+    assert r["per_organ_distance"] == {"liver": pytest.approx(4.0)}
+    exact = pointing_game(attn, labels, [1], valid, spacing=(2, 3, 5), tolerance_mm=0)
+    assert exact["pointing_tolerant"] == pytest.approx(exact["pointing_game"])
+
+    rng = np.random.default_rng(1)
+    maps = torch.from_numpy(rng.random((4, 2, 6, 7, 5)))
+    lab = torch.from_numpy(rng.integers(0, 3, size=(4, 1, 6, 7, 5)) * (rng.random((4, 1, 6, 7, 5)) < 0.2))
+    ok = torch.ones(4, 2, dtype=torch.bool)
+    spacing = (1.5, 2.0, 4.0)
+    r = pointing_game(maps, lab, [1, 2], ok, spacing=spacing, tolerance_mm=3.0)
+    dist = []
+    for s in range(4):
+        for t in range(2):
+            peak = np.unravel_index(int(maps[s, t].argmax()), maps.shape[2:])
+            dist.append(distance_transform_edt(lab[s, 0].numpy() != t + 1, sampling=spacing)[peak])
+    assert r["peak_distance_mm"] == pytest.approx(float(np.median(dist)))
+    assert r["pointing_tolerant"] == pytest.approx(np.mean(np.array(dist) <= 3.0))
+    with pytest.raises(ValueError, match="needs spacing"):
+        pointing_game(maps, lab, [1, 2], ok, tolerance_mm=3.0)
+    with pytest.raises(ValueError, match="spacing must be 3"):
+        pointing_game(maps, lab, [1, 2], ok, spacing=(1, 1))
+
+
 # ----------------------------------------------------------------------------- overlays
 def test_save_attention_overlays(tmp_path):
     image = torch.rand(1, 16, 16, 8)
