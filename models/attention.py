@@ -12,7 +12,11 @@ from torch import nn
 
 from models.encoders.base import resize_mask
 
-__all__ = ["PixelTagAttention", "TagAttentionHead", "TopDownFusion"]
+__all__ = ["VALUE_SOURCES", "PixelTagAttention", "TagAttentionHead", "TopDownFusion"]
+
+#: Where the attention's values come from when keys are fused: the finest encoder level averaged or
+#: max-pooled onto the attention grid, or patch embeddings of the input.
+VALUE_SOURCES = ("level0", "level0_max", "patch")
 
 
 class PixelTagAttention(nn.Module):
@@ -309,8 +313,8 @@ class TagAttentionHead(nn.Module):
         prior_gain: float = 10.0,
     ) -> None:
         super().__init__()
-        if value_source not in ("level0", "patch"):
-            raise ValueError(f"value_source={value_source!r} must be 'level0' or 'patch'")
+        if value_source not in VALUE_SOURCES:
+            raise ValueError(f"value_source={value_source!r} must be one of {VALUE_SOURCES}")
         if not 0 <= attn_level < len(feature_channels):
             raise ValueError(
                 f"attn_level={attn_level} is out of range for {len(feature_channels)} feature levels"
@@ -394,10 +398,13 @@ class TagAttentionHead(nn.Module):
             return self.pixel_tag(keys, mask, values=values)
         # Values from the finest level, pooled onto the attention grid: the smallest receptive field,
         # so that a voxel's value describes that voxel and not its neighbourhood (with wide-field
-        # values the attention parked on the spine and read the organs from there).
-        values = (
-            F.adaptive_avg_pool3d(features[0], keys.shape[2:])
-            if keys.ndim == 5
-            else F.adaptive_avg_pool2d(features[0], keys.shape[2:])
-        )
-        return self.pixel_tag(keys, mask, values=values)
+        # values the attention parked on the spine and read the organs from there). Max pooling
+        # ("level0_max") keeps a finding smaller than a cell (a stone, a thrombus) at full strength,
+        # where the average dilutes it by the cell's volume.
+        pool = {
+            ("level0", 5): F.adaptive_avg_pool3d,
+            ("level0", 4): F.adaptive_avg_pool2d,
+            ("level0_max", 5): F.adaptive_max_pool3d,
+            ("level0_max", 4): F.adaptive_max_pool2d,
+        }[(self.value_source, keys.ndim)]
+        return self.pixel_tag(keys, mask, values=pool(features[0], keys.shape[2:]))

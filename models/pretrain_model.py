@@ -53,7 +53,8 @@ class MosmosPretrainModel(nn.Module):
         num_outputs: logits per tag (e.g. visible, abnormal).
         attn_heads: pixel-tag attention heads.
         attn_values: where attention values come from with fused keys: "level0" (the finest encoder
-            level) or "patch" (patch embeddings of the input, no context).
+            level, averaged onto the attention grid), "level0_max" (max-pooled) or "patch" (patch
+            embeddings of the input, no context).
         attn_position_prior, attn_prior_gain: grid of the learned per-tag location prior of the
             attention scores (None: none) and its scale (see :class:`PixelTagAttention`).
         embedding_from_tags: the image embedding's projection reads the tag logits as well as the

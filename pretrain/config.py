@@ -70,7 +70,10 @@ class PretrainModel:
     attention_level: int | None = None  # encoder level the pixel-tag attention reads (default: stride <= 4)
     # fuse deeper levels into the attention keys (context to find organs); values stay local
     attention_fuse_levels: bool = True
-    attention_values: Literal["level0", "patch"] = "level0"  # what the attention reads where it looks
+    # what the attention reads where it looks: the finest encoder level averaged ("level0") or
+    # max-pooled ("level0_max": a finding smaller than a map cell keeps its strength) onto the map,
+    # or patch embeddings of the input ("patch")
+    attention_values: Literal["level0", "level0_max", "patch"] = "level0"
     # share of a map cell that must lie inside the body for the attention to look there (0: any voxel;
     # 1: the whole cell, which keeps the body's outline, a position shortcut, out of reach)
     attention_min_inside: float = 0.0

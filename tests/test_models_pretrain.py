@@ -300,7 +300,7 @@ def test_image_embedding_gradient_share_reaches_the_encoder_scaled(share):
     torch.testing.assert_close(scaled[3], full[3])
 
 
-@pytest.mark.parametrize("attn_values", ["level0", "patch"])
+@pytest.mark.parametrize("attn_values", ["level0", "level0_max", "patch"])
 def test_pretrain_model_shapes_and_every_gradient(attn_values):
     torch.manual_seed(0)
     model = MosmosPretrainModel(
@@ -395,7 +395,7 @@ def test_swin_encoder_in_pretrain_model():
     assert model.attn_level == 1 and out["attn_maps"].shape == (2, 2, 8, 8)
 
 
-@pytest.mark.parametrize("attn_values", ["level0", "patch"])
+@pytest.mark.parametrize("attn_values", ["level0", "level0_max", "patch"])
 def test_tag_head_export_rebuilds_the_same_maps(attn_values):
     torch.manual_seed(0)
     model = MosmosPretrainModel(
@@ -412,6 +412,27 @@ def test_tag_head_export_rebuilds_the_same_maps(attn_values):
     assert "feature_channels" in model.tag_attention_config()
     with pytest.raises(ValueError, match="num_tags=0"):
         MosmosPretrainModel(tiny_encoder(), tiny_text(), num_tags=0).tag_attention_config()
+
+
+@pytest.mark.parametrize("source, expected", [("level0", 1.0), ("level0_max", 8.0)])
+def test_level0_values_average_or_keep_a_one_voxel_finding(source, expected):
+    """A one-voxel spike in the finest level reaches its attention cell averaged over the cell's
+    8 voxels ("level0") or at full strength ("level0_max")."""
+    head = TagAttentionHead([2, 3, 5], num_tags=1, attn_level=1, dim=4, value_source=source)
+    fine = torch.zeros(1, 2, 4, 4, 4)
+    fine[0, 0, 1, 0, 1] = 8.0  # in cell (0, 0, 0) of the 2x2x2 attention grid
+    seen = {}
+
+    def spy(keys, mask=None, values=None):
+        seen["values"] = values
+        return torch.zeros(1, 1, 2), torch.zeros(1, 1, *keys.shape[2:])
+
+    head.pixel_tag.forward = spy
+    head([fine, torch.randn(1, 3, 2, 2, 2), torch.randn(1, 5, 1, 1, 1)])
+    values = seen["values"]
+    assert values.shape == (1, 2, 2, 2, 2)
+    assert values[0, 0, 0, 0, 0].item() == pytest.approx(expected)
+    assert values.abs().sum().item() == pytest.approx(expected)  # nothing leaks into other cells
 
 
 def test_package_exports_resolve_lazily():
