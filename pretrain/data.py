@@ -219,6 +219,8 @@ class PretrainData:
     train_tags: np.ndarray
     organ_label_ids: list[int | None] | None
     skipped: list[Any] = field(default_factory=list)  # Problems of the cases left out (on_bad_case=skip)
+    # per validation scan, its organs' ground-truth status and findings (synthetic findings.json), if any
+    val_findings: list[dict] | None = None
 
     @staticmethod
     def make_collator(tokenizer: Any, max_length: int) -> ReportCollator:
@@ -236,6 +238,24 @@ def _ground_truth(root: Path, records: list[dict], organs: list[str]) -> tuple[l
     if missing:
         raise DataError(f"data.ground_truth={root}: {len(missing)} label maps missing (first: {missing[0]})")
     return paths, [ids.get(o) for o in organs]
+
+
+def _findings(root: Path, records: list[dict]) -> list[dict] | None:
+    """Each record's ``organs`` entry of ``findings.json`` (None without the file); bad content is a
+    DataError naming the file."""
+    path = root / "findings.json"
+    if not path.is_file():
+        return None
+    try:
+        table = json.loads(path.read_text())
+        out = [table[str(r["case_id"])]["organs"] for r in records]
+    except json.JSONDecodeError as exc:
+        raise DataError(f"data.ground_truth: {path} is not valid JSON ({exc})") from None
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"data.ground_truth: {path} has no organs entry for case {exc}") from None
+    if not all(isinstance(o, dict) for o in out):
+        raise DataError(f"data.ground_truth: {path}: each case's organs entry must be a mapping")
+    return out
 
 
 def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
@@ -282,9 +302,10 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
         hu_window=tuple(d.hu_window),
         body_threshold_hu=d.body_threshold_hu,
     )
-    label_paths, organ_ids = (None, None)
+    label_paths, organ_ids, val_findings = (None, None, None)
     if d.ground_truth:
         label_paths, organ_ids = _ground_truth(Path(d.ground_truth), records, vocabulary.names)
+        val_findings = _findings(Path(d.ground_truth), [records[i] for i in val_idx])
 
     def subset(idx: np.ndarray, train: bool, with_labels: bool) -> ImageReportDataset:
         return ImageReportDataset(
@@ -305,4 +326,5 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
         train_tags=tags[train_idx],
         organ_label_ids=organ_ids,
         skipped=skipped,
+        val_findings=val_findings,
     )

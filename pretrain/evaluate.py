@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pretrain.metrics import pointing_game, retrieval_recall, tag_auroc_ap
+from pretrain.metrics import finding_auroc, pointing_game, retrieval_recall, tag_auroc_ap
 
 
 @torch.no_grad()
@@ -74,6 +74,7 @@ def compute_metrics(
     extra_tag_logits: dict[str, torch.Tensor] | None = None,
     spacing: list[float] | None = None,
     tolerance_mm: float = 0.0,
+    findings: list[dict] | None = None,
 ) -> dict:
     """Scalar metrics for ``metrics.json`` from :func:`collect_outputs`.
 
@@ -81,7 +82,9 @@ def compute_metrics(
     other heads' ``[N, O, 2]`` logits (the tag heads on the image embedding and pooled features).
     With ``spacing`` (mm, of the label maps) the pointing game is also scored with a tolerance of
     ``tolerance_mm`` (``pointing_game_tolerant``), with the median distance of the attention peaks to
-    their organs (``attention_peak_distance_mm``), overall and per organ.
+    their organs (``attention_peak_distance_mm``), overall and per organ. With ``findings`` (ground
+    truth per scan, see :func:`pretrain.metrics.finding_auroc`) each finding's AUROC of its organ's
+    abnormal logit goes in as ``finding_AUROC/<organ>/<finding>``.
     """
     metrics: dict[str, float] = {}
     n = len(outputs["tags"])
@@ -94,6 +97,9 @@ def compute_metrics(
     if outputs["tag_logits"] is None:  # contrastive-only ablation: no tag branch
         return metrics
     metrics.update(tag_metrics(outputs["tag_logits"], outputs["tags"], organ_names, "tag", per_organ=True))
+    if findings is not None:
+        scored = finding_auroc(outputs["tag_logits"][:, :, 1], findings[:n], organ_names)
+        metrics.update({f"finding_AUROC/{k}": v for k, v in scored.items()})
     if outputs["labels"] is not None and organ_label_ids is not None:
         labels = outputs["labels"]
         valid = torch.stack(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,46 @@ def tag_auroc_ap(logits: ArrayLike, targets: ArrayLike, names: Sequence[str]) ->
         "mean_ap": float(np.mean(aps)) if aps else None,
         "n_tags_scored": len(aurocs),
     }
+
+
+def finding_auroc(
+    abnormal_logits: ArrayLike, findings: Sequence[Mapping[str, Any]], organ_names: Sequence[str]
+) -> dict[str, float]:
+    """AUROC of each organ's abnormal logit for each finding, against the scans where that organ is
+    normal, from ground truth (synthetic ``findings.json``), not from the reports.
+
+    An organ's abnormal tag pools several findings (a liver is abnormal for a lesion, a fatty liver or
+    an enlarged one): this says which of them the model sees.
+
+    Args:
+        abnormal_logits: ``[N, T]`` abnormal logit per scan and organ tag.
+        findings: per scan, ``{organ: {"status": "normal" | "abnormal" | ..., "findings": [codes]}}``
+            (organs missing from a scan's entry are skipped for it).
+        organ_names: the ``T`` tag names.
+
+    Returns:
+        ``{"<organ>/<finding>": AUROC}`` for every (organ, finding) with at least one scan showing it
+        and one normal scan.
+    """
+    x = np.asarray(_np(abnormal_logits), dtype=np.float64)
+    if x.ndim != 2 or x.shape != (len(findings), len(organ_names)):
+        raise ValueError(
+            f"abnormal_logits must be [N={len(findings)}, T={len(organ_names)}], got {tuple(x.shape)}"
+        )
+    out: dict[str, float] = {}
+    for t, organ in enumerate(organ_names):
+        states = [f.get(organ) or {} for f in findings]
+        normal = [i for i, st in enumerate(states) if st.get("status") == "normal"]
+        codes = sorted({c for st in states if st.get("status") == "abnormal" for c in st.get("findings", [])})
+        for code in codes:
+            shown = [
+                i for i, st in enumerate(states) if st.get("status") == "abnormal" and code in st["findings"]
+            ]
+            if shown and normal:
+                y = torch.tensor([1] * len(shown) + [0] * len(normal))
+                score = torch.from_numpy(x[shown + normal, t])
+                out[f"{organ}/{code}"] = float(compute_roc_auc(score, y))
+    return out
 
 
 # ----------------------------------------------------------------------------- pointing game

@@ -64,6 +64,7 @@ class PretrainTask:
             write_problems_csv(self.output_dir / "skipped.csv", data.skipped)
         self.train_dataset, self.val_dataset = data.train, data.val
         self.organ_label_ids = data.organ_label_ids
+        self.val_findings = data.val_findings
 
         tokenizer_dir = self.output_dir / "text"
         tokenizer, text_encoder = build_text_side(
@@ -157,6 +158,7 @@ class PretrainTask:
             extra,
             spacing=list(self.cfg.data.spacing),
             tolerance_mm=self.cfg.eval.pointing_tolerance_mm,
+            findings=self.val_findings,
         )
 
 

@@ -236,3 +236,20 @@ def test_collator_batches_and_tokenizes(cases):
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 1], [1, 0]]
     assert batch["case_id"] == ["case0", "case1", "case2"] and batch["index"] == [0, 1, 2]
     assert batch["report"][2] == "liver"
+
+
+def test_ground_truth_findings_are_optional_and_bad_ones_named(tmp_path):
+    from pretrain.data import _findings
+
+    records = [{"case_id": "a"}, {"case_id": "b"}]
+    assert _findings(tmp_path, records) is None  # no findings.json: nothing to score
+    path = tmp_path / "findings.json"
+    path.write_text(
+        json.dumps({"a": {"organs": {"liver": {"status": "normal", "findings": []}}}, "b": {"organs": {}}})
+    )
+    assert _findings(tmp_path, records) == [{"liver": {"status": "normal", "findings": []}}, {}]
+    with pytest.raises(DataError, match=r"findings\.json has no organs entry for case 'c'"):
+        _findings(tmp_path, [{"case_id": "c"}])
+    path.write_text("{not json")
+    with pytest.raises(DataError, match=r"findings\.json is not valid JSON"):
+        _findings(tmp_path, records)

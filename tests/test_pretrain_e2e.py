@@ -35,8 +35,20 @@ def test_pretrain_writes_encoder_metrics_and_overlays(tiny_synth, tmp_path):
     )
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert len(history) == 3  # one evaluation per epoch
-    for key in ("i2t_R@1", "t2i_R@5", "tag_mAP", "tag_AUROC", "pointing_game", "attention_border_fraction"):
+    for key in (
+        "i2t_R@1",
+        "t2i_R@5",
+        "tag_mAP",
+        "tag_AUROC",
+        "pointing_game",
+        "pointing_game_tolerant",
+        "attention_peak_distance_mm",
+        "attention_border_fraction",
+    ):
         assert key in final, key
+    # the synthetic ground truth's findings are scored one by one (those the tiny val split shows)
+    scored = [k for k in final if k.startswith("finding_AUROC/")]
+    assert scored and all(0.0 <= final[k] <= 1.0 for k in scored)
     assert list((out / "attention").glob("*.png"))
     assert (out / "text" / "tokenizer.json").is_file()
 

@@ -11,6 +11,7 @@ import torch
 
 from pretrain.metrics import (
     average_precision,
+    finding_auroc,
     pointing_game,
     retrieval_recall,
     retrieval_recall_from_similarity,
@@ -156,6 +157,24 @@ def test_pointing_game_attention_mass():
         [maps[s, t][lab[s, 0] == t + 1].sum() / maps[s, t].sum() for s in range(3) for t in range(2)]
     )
     assert r["attention_mass"] == pytest.approx(expected)
+
+
+def test_finding_auroc_against_normal_organs_by_hand():
+    """Scans 0-1 normal liver, 2 lesion, 3 lesion + fatty, 4 liver out of view (skipped), 5 no entry."""
+    states = [
+        {"liver": {"status": "normal", "findings": []}},
+        {"liver": {"status": "normal", "findings": []}},
+        {"liver": {"status": "abnormal", "findings": ["liver_lesion"]}},
+        {"liver": {"status": "abnormal", "findings": ["liver_lesion", "fatty_liver"]}},
+        {"liver": {"status": "out_of_view", "findings": []}},
+        {},
+    ]
+    logits = np.array([[0.5, 9], [0.1, 9], [0.3, 9], [2.0, 9], [9.0, 9], [9.0, 9]])  # col 1: spleen
+    r = finding_auroc(logits, states, ["liver", "spleen"])
+    # lesion: positives 0.3, 2.0 vs negatives 0.5, 0.1 -> pairs won 1 + 2 of 4; fatty: 2.0 beats both
+    assert r == {"liver/liver_lesion": pytest.approx(0.75), "liver/fatty_liver": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="must be"):
+        finding_auroc(logits[:3], states, ["liver", "spleen"])
 
 
 def test_pointing_game_tolerance_and_peak_distance():
