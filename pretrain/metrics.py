@@ -165,7 +165,9 @@ def finding_auroc(
         codes = sorted({c for st in states if st.get("status") == "abnormal" for c in st.get("findings", [])})
         for code in codes:
             shown = [
-                i for i, st in enumerate(states) if st.get("status") == "abnormal" and code in st["findings"]
+                i
+                for i, st in enumerate(states)
+                if st.get("status") == "abnormal" and code in st.get("findings", [])
             ]
             if shown and normal:
                 y = torch.tensor([1] * len(shown) + [0] * len(normal))
