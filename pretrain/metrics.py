@@ -160,18 +160,19 @@ def finding_auroc(
         )
     out: dict[str, float] = {}
     for t, organ in enumerate(organ_names):
-        states = [f.get(organ) or {} for f in findings]
-        normal = [i for i, st in enumerate(states) if st.get("status") == "normal"]
-        codes = sorted({c for st in states if st.get("status") == "abnormal" for c in st.get("findings", [])})
-        for code in codes:
-            shown = [
-                i
-                for i, st in enumerate(states)
-                if st.get("status") == "abnormal" and code in st.get("findings", [])
-            ]
-            if shown and normal:
-                y = torch.tensor([1] * len(shown) + [0] * len(normal))
-                score = torch.from_numpy(x[shown + normal, t])
+        normal: list[int] = []
+        shown: dict[str, list[int]] = {}  # finding code -> scans whose organ shows it
+        for i, f in enumerate(findings):
+            state = f.get(organ) or {}
+            if state.get("status") == "normal":
+                normal.append(i)
+            elif state.get("status") == "abnormal":
+                for code in state.get("findings", []):
+                    shown.setdefault(code, []).append(i)
+        for code in sorted(shown):
+            if normal:
+                y = torch.tensor([1] * len(shown[code]) + [0] * len(normal))
+                score = torch.from_numpy(x[shown[code] + normal, t])
                 out[f"{organ}/{code}"] = float(compute_roc_auc(score, y))
     return out
 
