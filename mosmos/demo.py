@@ -7,6 +7,7 @@ evaluation on the fully labelled generated test set -> the initialisation benchm
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def run_demo(out: Path, seed: int = 0, configs: Path | None = None) -> int:
     if (data / "synth.json").is_file():
         print("      (already there; delete the folder to regenerate)")
     else:
-        synthesize(data, seed=seed)
+        synthesize(data, seed=seed, workers=os.cpu_count() or 1)
     print(f"[2/5] pretrain: stage 1 on {data / 'pretrain' / 'reports.csv'}")
     cfg = load_config(
         PretrainConfig,

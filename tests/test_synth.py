@@ -57,7 +57,8 @@ def test_phantom_organs_are_vocabulary_names():
 
 def test_same_seed_same_bytes_other_seed_differs(data, tmp_path):
     out, _ = data
-    again = synthesize(tmp_path / "again", **ARGS)
+    # made by two worker processes (the fixture by one): the bytes must not depend on it
+    again = synthesize(tmp_path / "again", **ARGS, workers=2)
     assert again["tag_counts"] == data[1]["tag_counts"]
     for rel in [
         "pretrain/reports.csv",
@@ -337,7 +338,15 @@ def test_cli_help_and_run(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="mosmos synth")
     add_arguments(parser)
     text = parser.format_help()
-    for option in ("--out", "--seed", "--pretrain-cases", "--seg-cases", "--test-cases", "--shape"):
+    for option in (
+        "--out",
+        "--seed",
+        "--pretrain-cases",
+        "--seg-cases",
+        "--test-cases",
+        "--shape",
+        "--workers",
+    ):
         assert option in text
     assert text.count("default") >= 5
     argv = ["--out", str(tmp_path / "d"), "--seed", "1", "--pretrain-cases", "2", "--seg-cases", "1"]
@@ -360,6 +369,8 @@ def test_bad_arguments_are_reported(tmp_path):
         synthesize(tmp_path / "a", shape=(8, 8, 8), progress=False)
     with pytest.raises(MosmosError, match="pretrain_cases"):
         synthesize(tmp_path / "b", pretrain_cases=-1, progress=False)
+    with pytest.raises(MosmosError, match="workers"):
+        synthesize(tmp_path / "b", pretrain_cases=1, progress=False, workers=0)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "mine.txt").write_text("not synth output")
     with pytest.raises(MosmosError, match="not empty"):

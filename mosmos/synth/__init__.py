@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -83,6 +85,24 @@ def _tag_counts(records: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
     return {o: {k: {v: c[v] for v in ("1", "0", "-1")} for k, c in d.items()} for o, d in counts.items()}
 
 
+def _pretrain_case(job: tuple[Path, int, int, tuple[int, int, int]]) -> tuple[dict, str, dict]:
+    """Make and write pretraining case ``i`` (a top-level function so worker processes can run it).
+
+    Every case draws from its own stream spawned from ``(seed, split, i)``, so the bytes do not
+    depend on which process makes it or in which order.
+    """
+    pre, seed, i, shape = job
+    case_id = f"train_{i + 1:04d}"
+    spec = CaseSpec(case_id, (seed, PRETRAIN_SPLIT, i), shape, resections=True, fov_cuts=True, report=True)
+    case = make_case(spec)
+    volume = f"{case_id}.nii.gz"
+    write_nifti(pre / "images" / volume, case.image, case.affine)
+    write_nifti(pre / "ground_truth" / "labels" / volume, case.labels, case.affine)
+    findings_en, impressions_en = case.report
+    row = {"VolumeName": volume, "Findings_EN": findings_en, "Impressions_EN": impressions_en}
+    return row, case_id, {"volume": volume, **case.record}
+
+
 def _write_seg(out: Path, ds: SegDataset, seed: int, n: int, shape: tuple, bar: tqdm) -> dict[str, dict]:
     root = out / "nnUNet_raw" / ds.folder
     lut = ds.lookup_table(load_vocabulary())
@@ -106,6 +126,7 @@ def synthesize(
     test_cases: int = 12,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Generate the synthetic data set into ``out_dir`` (same seed, same bytes).
 
@@ -117,6 +138,7 @@ def synthesize(
         test_cases: cases in the fully labelled test dataset.
         shape: voxels per volume (X, Y, Z); spacing adapts so the abdomen fits, up to 10 mm.
         progress: show a progress bar.
+        workers: processes that make the pretraining cases (same bytes whatever the number).
 
     Returns:
         A summary: seed, shape, organs, counts, paths, nnU-Net label dicts, per-organ tag class
@@ -127,6 +149,8 @@ def synthesize(
         {"pretrain_cases": pretrain_cases, "seg_cases": seg_cases, "test_cases": test_cases},
         tuple(shape),
     )
+    if not isinstance(workers, int) or workers < 1:
+        raise MosmosError(f"workers must be a positive integer, got {workers!r}")
     start = time.perf_counter()
     out = Path(out_dir)
     _prepare(out)
@@ -135,19 +159,23 @@ def synthesize(
 
     pre = out / "pretrain"
     records, rows = {}, []
-    for i in range(pretrain_cases):
-        case_id = f"train_{i + 1:04d}"
-        spec = CaseSpec(
-            case_id, (seed, PRETRAIN_SPLIT, i), shape, resections=True, fov_cuts=True, report=True
-        )
-        case = make_case(spec)
-        volume = f"{case_id}.nii.gz"
-        write_nifti(pre / "images" / volume, case.image, case.affine)
-        write_nifti(pre / "ground_truth" / "labels" / volume, case.labels, case.affine)
-        findings_en, impressions_en = case.report
-        rows.append({"VolumeName": volume, "Findings_EN": findings_en, "Impressions_EN": impressions_en})
-        records[case_id] = {"volume": volume, **case.record}
-        bar.update()
+    jobs = [(pre, seed, i, shape) for i in range(pretrain_cases)]
+    if workers > 1 and pretrain_cases > 1:
+        # spawn, not fork: the parent may hold torch's thread pools, which a forked child inherits
+        # in an undefined state
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, pretrain_cases), mp_context=ctx) as pool:
+            made = pool.map(_pretrain_case, jobs, chunksize=max(1, min(32, pretrain_cases // (4 * workers))))
+            for row, case_id, record in made:  # in case order
+                rows.append(row)
+                records[case_id] = record
+                bar.update()
+    else:
+        for job in jobs:
+            row, case_id, record = _pretrain_case(job)
+            rows.append(row)
+            records[case_id] = record
+            bar.update()
     write_reports(pre / "reports.csv", rows)
     write_json(pre / "ground_truth" / "findings.json", records)
     labels = {"background": 0, **{o: i + 1 for i, o in enumerate(PHANTOM_ORGANS)}}

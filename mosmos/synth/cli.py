@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from mosmos.synth import DEFAULT_SHAPE, synthesize
 
@@ -47,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("X", "Y", "Z"),
         help=f"voxels per volume; spacing adapts (at most 10 mm) so the abdomen fits (default: {_SHAPE})",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="processes making the pretraining cases; the output is the same for any N (default: all CPUs)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -60,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         test_cases=args.test_cases,
         shape=tuple(args.shape),
         progress=not args.quiet,
+        workers=args.workers,
     )
     counts, root, paths = summary["counts"], summary["out_dir"], summary["paths"]
     print(
