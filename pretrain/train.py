@@ -7,6 +7,7 @@ attention, trains them with the shared engine, evaluates each epoch and exports 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from pathlib import Path
 
@@ -135,16 +136,35 @@ class PretrainTask:
         return model(batch)
 
     def evaluate(self, objective, epoch: int) -> dict[str, float]:
-        from torch.utils.data import DataLoader
-
-        from pretrain.evaluate import collect_outputs, compute_metrics
+        from pretrain.evaluate import collect_outputs
 
         model = objective.model
         device = next(model.parameters()).device
-        loader = DataLoader(
-            self.val_dataset, batch_size=self.cfg.train.batch_size, collate_fn=self.collate_fn
+        self.last_outputs = outputs = collect_outputs(
+            model, self._loader(self.val_dataset), device, self.cfg.eval.max_cases
         )
-        self.last_outputs = outputs = collect_outputs(model, loader, device, self.cfg.eval.max_cases)
+        metrics = self._metrics(objective, outputs, findings=self.val_findings)
+        n_train = min(self.cfg.eval.train_cases, len(self.train_dataset))
+        if n_train > 0:
+            from torch.utils.data import Subset
+
+            # the same scans every time, as the model sees them without augmentation
+            plain = copy.copy(self.train_dataset)
+            plain.augment = None
+            train_outputs = collect_outputs(model, self._loader(Subset(plain, range(n_train))), device)
+            for key, value in self._metrics(objective, train_outputs, findings=None).items():
+                metrics[f"train/{key}"] = value
+        return metrics
+
+    def _loader(self, dataset):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, collate_fn=self.collate_fn)
+
+    def _metrics(self, objective, outputs: dict, findings) -> dict[str, float]:
+        from pretrain.evaluate import compute_metrics
+
+        device = next(objective.parameters()).device
         extra = {}
         if objective.embedding_tag_head is not None:
             extra["embedding_tag"] = objective.embedding_tag_logits(outputs["image_emb"].to(device)).cpu()
@@ -158,7 +178,7 @@ class PretrainTask:
             extra,
             spacing=list(self.cfg.data.spacing),
             tolerance_mm=self.cfg.eval.pointing_tolerance_mm,
-            findings=self.val_findings,
+            findings=findings,
         )
 
 

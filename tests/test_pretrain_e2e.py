@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from mosmos.config import load_config
+from mosmos.errors import ConfigError
 from pretrain.config import PretrainConfig
 from pretrain.train import run
 from tests.conftest import REPO, tiny_pretrain_overrides
@@ -22,7 +24,7 @@ def _cfg(data, run_dir, **extra):
 
 
 def test_pretrain_writes_encoder_metrics_and_overlays(tiny_synth, tmp_path):
-    final = run(_cfg(tiny_synth, tmp_path / "run"))
+    final = run(_cfg(tiny_synth, tmp_path / "run", **{"eval.train_cases": 5}))
     out = tmp_path / "run"
     for name in ("encoder.safetensors", "encoder.json", "metrics.json", "config.yaml", "versions.json"):
         assert (out / name).is_file(), name
@@ -51,6 +53,17 @@ def test_pretrain_writes_encoder_metrics_and_overlays(tiny_synth, tmp_path):
     assert scored and all(0.0 <= final[k] <= 1.0 for k in scored)
     assert list((out / "attention").glob("*.png"))
     assert (out / "text" / "tokenizer.json").is_file()
+    # eval.train_cases: five training pairs scored like the validation split (no labels: no pointing)
+    assert final["train/retrieval_chance_R@1"] == 1 / 5
+    assert final["retrieval_chance_R@1"] != 1 / 5
+    assert 0.0 <= final["train/tag_mAP"] <= 1.0 and 0.0 <= final["train/i2t_R@1"] <= 1.0
+    assert not any(k.startswith("train/pointing") for k in final)
+    assert all("train/tag_mAP" in h for h in history)
+
+
+def test_train_cases_must_be_a_count(tiny_synth, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval\.train_cases"):
+        _cfg(tiny_synth, tmp_path / "run", **{"eval.train_cases": -1})
 
 
 def test_local_huggingface_text_encoder(tiny_synth, tmp_path):
