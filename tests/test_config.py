@@ -57,3 +57,29 @@ def test_unknown_yaml_key_and_missing_table(tmp_path):
         load_config(PretrainConfig, _write(tmp_path, "seed: 1\n"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(PretrainConfig, tmp_path / "missing.yaml")
+
+
+# the settings each stage needs from its user (the shipped default configs leave it empty)
+_REQUIRED = {
+    "pretrain": ["data.table=r.csv"],
+    "finetune": ["data.datasets=[d]"],
+    "benchmark": ["data.target=d", "data.test=t"],
+}
+
+
+@pytest.mark.parametrize("stage", sorted(_REQUIRED))
+def test_every_shipped_config_loads(stage):
+    from pathlib import Path
+
+    from finetune.benchmark import BenchmarkConfig
+    from finetune.config import FinetuneConfig
+
+    schema = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "benchmark": BenchmarkConfig}[stage]
+    paths = sorted((Path(__file__).resolve().parent.parent / "configs" / stage).glob("*.yaml"))
+    assert {p.name for p in paths} >= {"default.yaml", "demo.yaml"}
+    for path in paths:
+        cfg = load_config(schema, path, _REQUIRED[stage])
+        assert cfg.output_dir, path
+        if path.name == "default.yaml":  # the demo configs name the generated data themselves
+            with pytest.raises(ConfigError, match="is required"):
+                load_config(schema, path)
