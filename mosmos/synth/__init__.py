@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import shutil
 import time
@@ -160,19 +161,17 @@ def synthesize(
     pre = out / "pretrain"
     records, rows = {}, []
     jobs = [(pre, seed, i, shape) for i in range(pretrain_cases)]
+    pool = None
     if workers > 1 and pretrain_cases > 1:
         # spawn, not fork: the parent may hold torch's thread pools, which a forked child inherits
         # in an undefined state
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, pretrain_cases), mp_context=ctx) as pool:
-            made = pool.map(_pretrain_case, jobs, chunksize=max(1, min(32, pretrain_cases // (4 * workers))))
-            for row, case_id, record in made:  # in case order
-                rows.append(row)
-                records[case_id] = record
-                bar.update()
-    else:
-        for job in jobs:
-            row, case_id, record = _pretrain_case(job)
+        pool = ProcessPoolExecutor(
+            min(workers, pretrain_cases), mp_context=multiprocessing.get_context("spawn")
+        )
+    with pool or contextlib.nullcontext():
+        chunk = max(1, min(32, pretrain_cases // (4 * workers)))
+        made = pool.map(_pretrain_case, jobs, chunksize=chunk) if pool else map(_pretrain_case, jobs)
+        for row, case_id, record in made:  # in case order
             rows.append(row)
             records[case_id] = record
             bar.update()
