@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from mosmos.engine import COMPLETE_MARKER, Engine, TrainConfig, list_checkpoints
+from mosmos.engine import (
+    COMPLETE_MARKER,
+    Engine,
+    TrainConfig,
+    cpu_has_native_bf16,
+    list_checkpoints,
+    resolve_mixed_precision,
+)
 from mosmos.errors import ConfigError, MosmosError
 
 
@@ -223,3 +230,37 @@ def test_checkpoints_hold_no_pickled_objects_but_rng_state(tmp_path):
     assert not list(ckpt.glob("custom_checkpoint_*"))
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["scheduler"]["last_epoch"] == 5
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "cpu_bf16", "expected"),
+    [
+        ("bf16", True, False, "bf16"),
+        ("fp16", True, False, "fp16"),
+        ("no", True, True, "no"),
+        ("bf16", False, True, "bf16"),  # AVX512-BF16 / AMX
+        ("bf16", False, False, "no"),  # emulated bf16 would be slower than fp32
+        ("fp16", False, True, "no"),
+        ("no", False, True, "no"),
+    ],
+)
+def test_mixed_precision_on_cpu_only_where_bf16_is_native(requested, cuda, cpu_bf16, expected):
+    assert resolve_mixed_precision(requested, cuda=cuda, cpu_bf16=cpu_bf16) == expected
+
+
+def test_bf16_runs_the_forward_in_bf16_where_the_cpu_has_it_and_a_later_run_may_change_it(tmp_path):
+    seen = []
+    task = ToyTask()
+    # inside the model (Accelerate hands the outputs back in float32)
+    task.model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=5e-2, warmup_steps=2, mixed_precision="bf16")
+    Engine(task, cfg, tmp_path, seed=3).fit()
+    native = torch.cuda.is_available() or cpu_has_native_bf16()
+    assert seen and set(seen) == {torch.bfloat16 if native else torch.float32}
+    # the next run in the same process may ask for another precision (Accelerate would refuse it)
+    seen.clear()
+    cfg.mixed_precision = "no"
+    task = ToyTask()
+    task.model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    Engine(task, cfg, tmp_path / "fp32", seed=3).fit()
+    assert seen and set(seen) == {torch.float32}

@@ -1,12 +1,16 @@
-"""What ``train.channels_last`` saves per training step of a stage 1 encoder or a stage 2 segmenter.
+"""What ``train.channels_last`` or ``train.mixed_precision: bf16`` saves per training step.
 
 Builds the image encoder of a pretraining config (default: the CPU demo's), or with ``--stage 2`` the
 segmenter of a fine-tuning config (default: its CPU demo), then times forward + backward + an AdamW
-step on random volumes of the config's input (patch) size and batch size, first with the default
-layout (the baseline), then with the weights channels-last (``mosmos.layout``), and prints each as a
-ratio to the baseline. Runs alternate so drift in machine load hits both alike.
+step on random volumes of the config's input (patch) size and batch size, and prints each variant as
+a ratio to the baseline. Runs alternate so drift in machine load hits both alike.
 
-    python benchmarks/bench_channels_last.py [--stage 1|2] [--config FILE] [--steps 10] [--device cpu]
+- ``--compare layout`` (default): default layout (baseline) vs weights channels-last (``mosmos.layout``).
+- ``--compare bf16``: channels-last in float32 (baseline) vs channels-last under bf16 autocast, what
+  ``train.mixed_precision: bf16`` runs on a GPU or on a CPU with native bf16 (AVX512-BF16 / AMX).
+
+    python benchmarks/bench_train_step.py [--stage 1|2] [--compare layout|bf16] [--config FILE]
+        [--steps 10] [--device cpu]
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ def _loss(out) -> torch.Tensor:
     return sum(f.float().square().mean() for f in out["features"]) + out["pooled"].square().mean()
 
 
-def _time_steps(model: torch.nn.Module, x: torch.Tensor, steps: int) -> float:
+def _time_steps(model: torch.nn.Module, x: torch.Tensor, steps: int, bf16: bool = False) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
-        _loss(model(x)).backward()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = _loss(model(x))
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -53,7 +59,8 @@ def main() -> None:
     parser.add_argument("--stage", type=int, choices=(1, 2), default=1)
     parser.add_argument("--config", help="default: configs/pretrain/demo.yaml or configs/finetune/demo.yaml")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per layout")
+    parser.add_argument("--compare", choices=("layout", "bf16"), default="layout")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per variant")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -79,17 +86,25 @@ def main() -> None:
         )
         name, kwargs = f"{cfg.model.name} segmenter", cfg.model.encoder_kwargs
     base = base.to(args.device)
-    fast = to_channels_last(copy.deepcopy(base))
     x = torch.rand(cfg.train.batch_size, 1, *size, device=args.device)
-    times: dict[str, list[float]] = {"default layout": [], "channels_last": []}
+    if args.compare == "layout":
+        # (label, model, bf16 autocast); the first is the baseline
+        variants = [
+            ("default layout", base, False),
+            ("channels_last", to_channels_last(copy.deepcopy(base)), False),
+        ]
+    else:
+        fast = to_channels_last(base)
+        variants = [("float32", fast, False), ("bf16 autocast", copy.deepcopy(fast), True)]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in variants}
     for _ in range(args.rounds):
-        times["default layout"].append(_time_steps(base, x, args.steps))
-        times["channels_last"].append(_time_steps(fast, x, args.steps))
+        for label, model, bf16 in variants:
+            times[label].append(_time_steps(model, x, args.steps, bf16))
     print(
         f"{name} {kwargs}, batch {cfg.train.batch_size} x {size}, "
         f"{args.device}, {torch.get_num_threads()} threads; best of {args.rounds} x {args.steps} steps"
     )
-    baseline = min(times["default layout"])
+    baseline = min(times[variants[0][0]])
     for name, values in times.items():
         best = min(values)
         print(f"  {name:15s} {best * 1000:8.1f} ms/step   x{best / baseline:.2f} of the baseline")
