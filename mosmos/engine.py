@@ -273,6 +273,12 @@ class Engine:
         from accelerate.utils import ProjectConfiguration
 
         precision = resolve_mixed_precision(cfg.mixed_precision)
+        if precision != cfg.mixed_precision:
+            logger.info(
+                "train.mixed_precision=%s: no GPU%s, training in float32",
+                cfg.mixed_precision,
+                " and no native bf16 on this CPU" if cfg.mixed_precision == "bf16" else "",
+            )
         if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
             # One process may train several runs (the benchmark's cells, a notebook). Accelerate keeps
             # the first run's precision for the whole process and refuses another with a ValueError;
