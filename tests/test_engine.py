@@ -248,35 +248,31 @@ def test_mixed_precision_on_cpu_only_where_bf16_is_native(requested, cuda, cpu_b
     assert resolve_mixed_precision(requested, cuda=cuda, cpu_bf16=cpu_bf16) == expected
 
 
-def test_a_cpu_without_native_bf16_trains_in_float32_and_says_so(tmp_path, monkeypatch, caplog):
-    import mosmos.engine as engine
-
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+def _forward_dtypes(tmp, mixed_precision: str) -> set[torch.dtype]:
+    """The dtypes the toy model's first layer computes in during one epoch at ``mixed_precision``
+    (inside the model: Accelerate hands the outputs back in float32)."""
     seen = []
     task = ToyTask()
     task.model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    cfg = TrainConfig(epochs=1, batch_size=8, lr=5e-2, warmup_steps=2, mixed_precision="bf16")
-    with caplog.at_level("INFO", logger="mosmos"):
-        Engine(task, cfg, tmp_path, seed=3).fit()
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=5e-2, warmup_steps=2, mixed_precision=mixed_precision)
+    Engine(task, cfg, tmp, seed=3).fit()
+    assert seen
+    return set(seen)
+
+
+def test_a_cpu_without_native_bf16_trains_in_float32_and_says_so(tmp_path, monkeypatch, caplog):
+    import mosmos.engine as engine
+
     if torch.cuda.is_available():
         pytest.skip("a GPU runs bf16 whatever the CPU")
-    assert set(seen) == {torch.float32}
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("INFO", logger="mosmos"):
+        assert _forward_dtypes(tmp_path, "bf16") == {torch.float32}
     assert "no native bf16 on this CPU, training in float32" in caplog.text
 
 
 def test_bf16_runs_the_forward_in_bf16_where_the_cpu_has_it_and_a_later_run_may_change_it(tmp_path):
-    seen = []
-    task = ToyTask()
-    # inside the model (Accelerate hands the outputs back in float32)
-    task.model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    cfg = TrainConfig(epochs=1, batch_size=8, lr=5e-2, warmup_steps=2, mixed_precision="bf16")
-    Engine(task, cfg, tmp_path, seed=3).fit()
     native = torch.cuda.is_available() or cpu_has_native_bf16()
-    assert seen and set(seen) == {torch.bfloat16 if native else torch.float32}
+    assert _forward_dtypes(tmp_path / "bf16", "bf16") == {torch.bfloat16 if native else torch.float32}
     # the next run in the same process may ask for another precision (Accelerate would refuse it)
-    seen.clear()
-    cfg.mixed_precision = "no"
-    task = ToyTask()
-    task.model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    Engine(task, cfg, tmp_path / "fp32", seed=3).fit()
-    assert seen and set(seen) == {torch.float32}
+    assert _forward_dtypes(tmp_path / "fp32", "no") == {torch.float32}
