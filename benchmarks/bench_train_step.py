@@ -5,7 +5,7 @@ segmenter of a fine-tuning config (default: its CPU demo), then times forward + 
 step on random volumes of the config's input (patch) size and batch size, and prints each variant as
 a ratio to the baseline. Runs alternate so drift in machine load hits both alike.
 
-- ``--compare layout`` (default): default layout (baseline) vs weights channels-last (``mosmos.layout``).
+- ``--compare layout`` (default): default layout (baseline) vs weights channels-last (``mosmos.channels_last``).
 - ``--compare bf16``: channels-last in float32 (baseline) vs channels-last under bf16 autocast, what
   ``train.mixed_precision: bf16`` runs on a GPU or on a CPU with native bf16 (AVX512-BF16 / AMX).
 
@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from models.registry import create_image_encoder
+from mosmos.channels_last import to_channels_last
 from mosmos.config import load_config
-from mosmos.layout import to_channels_last
-from pretrain.config import PretrainConfig
+from mosmos.models.registry import create_image_encoder
+from mosmos.pretrain.config import PretrainConfig
 
 
 def _loss(out) -> torch.Tensor:
@@ -71,8 +71,8 @@ def main() -> None:
         )
         name, kwargs, size = cfg.model.image_encoder, cfg.model.encoder_kwargs, cfg.data.size
     else:
-        from finetune.config import FinetuneConfig
-        from finetune.pretrained import build_segmenter
+        from mosmos.finetune.config import FinetuneConfig
+        from mosmos.finetune.pretrained import build_segmenter
 
         cfg = load_config(FinetuneConfig, args.config or "configs/finetune/demo.yaml", [])
         size = cfg.data.patch_size

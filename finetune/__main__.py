@@ -1,8 +1,8 @@
-"""``python -m finetune --config FILE`` (also under ``accelerate launch -m finetune``)."""
+"""``python -m mosmos.finetune --config FILE`` (also under ``accelerate launch -m mosmos.finetune``)."""
 
 import sys
 
-from finetune.train import main
-from mosmos.cli import run_stage
+from mosmos.entry import run_stage
+from mosmos.finetune.train import main
 
 sys.exit(run_stage("finetune", main))

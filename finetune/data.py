@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from finetune.config import FinetuneConfig
 from mosmos.errors import ConfigError, DataError
+from mosmos.finetune.config import FinetuneConfig
 from mosmos.segdata import SegCase, SegDataset, read_seg_dataset, seg_dataset_name
 from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_augment, build_preprocess
 from mosmos.vocabulary import Vocabulary

@@ -38,9 +38,9 @@ def evaluate_run(
     import torch
     from tqdm.auto import tqdm
 
-    from finetune.inference import Predictor, decode_probabilities, load_model
-    from finetune.metrics import case_metrics, format_dice_table, summarize, write_case_csv
-    from finetune.train import load_label
+    from mosmos.finetune.inference import Predictor, decode_probabilities, load_model
+    from mosmos.finetune.metrics import case_metrics, format_dice_table, summarize, write_case_csv
+    from mosmos.finetune.train import load_label
     from mosmos.segdata import read_seg_dataset
     from mosmos.vocabulary import load_vocabulary
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from finetune.predict import add_inference_arguments
+    from mosmos.finetune.predict import add_inference_arguments
 
     add_inference_arguments(parser)
     parser.add_argument("--data", required=True, help="dataset folder (nnU-Net / MSD) or datalist JSON")

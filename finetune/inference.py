@@ -93,8 +93,8 @@ class ModelSpec:
 
 def build_from_spec(spec: ModelSpec) -> torch.nn.Module:
     """The network described by ``spec`` (random weights)."""
-    from models.attention import TagAttentionHead
-    from models.registry import create_image_encoder, create_model
+    from mosmos.models.attention import TagAttentionHead
+    from mosmos.models.registry import create_image_encoder, create_model
 
     encoder = create_image_encoder(spec.encoder, **spec.encoder_kwargs)
     head = TagAttentionHead(**spec.attention_head) if spec.attention_head else None

@@ -68,7 +68,7 @@ def predict(
     import torch
     from tqdm.auto import tqdm
 
-    from finetune.inference import (
+    from mosmos.finetune.inference import (
         Predictor,
         decode_probabilities,
         labels_json,

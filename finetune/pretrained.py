@@ -225,8 +225,8 @@ def build_segmenter(
         ConfigError: unknown names or bad kwargs, an unreadable export, attention maps without a
             stage 1 head, or weights that do not fit (see :func:`load_encoder_weights`).
     """
-    from models.attention import TagAttentionHead
-    from models.registry import create_image_encoder, create_model, list_models
+    from mosmos.models.attention import TagAttentionHead
+    from mosmos.models.registry import create_image_encoder, create_model, list_models
 
     segmenters = list_models("segmenter")
     if name not in segmenters:

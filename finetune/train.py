@@ -1,4 +1,4 @@
-"""Stage 2 entry point: ``mosmos finetune --config FILE`` / ``accelerate launch -m finetune --config FILE``.
+"""Stage 2 entry point: ``mosmos finetune --config FILE`` / ``accelerate launch -m mosmos.finetune --config FILE``.
 
 Reads the partially labelled datasets, builds the segmentation network (optionally initialised from
 a stage 1 encoder), trains it on the shared engine with the partial-label loss, evaluates on each
@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.config import FinetuneConfig
-from finetune.data import SegData, build_seg_data, build_train_dataset, resolve_preprocess
-from finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
 from mosmos.config import check_divisible, load_config
 from mosmos.errors import DataError
+from mosmos.finetune.config import FinetuneConfig
+from mosmos.finetune.data import SegData, build_seg_data, build_train_dataset, resolve_preprocess
+from mosmos.finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
 from mosmos.io import write_json
 from mosmos.vocabulary import load_vocabulary
 
@@ -61,8 +61,8 @@ class FinetuneTask:
     """What the engine needs for stage 2: model, patch stream, loss step, validation Dice."""
 
     def __init__(self, cfg: FinetuneConfig, accelerator) -> None:
-        from finetune.pretrained import build_segmenter, read_encoder_export
-        from models.seg_losses import MarginalLoss, MaskedBCEDiceLoss
+        from mosmos.finetune.pretrained import build_segmenter, read_encoder_export
+        from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss
 
         self.cfg, self.accelerator = cfg, accelerator
         self.output_dir = Path(cfg.output_dir)
@@ -137,7 +137,7 @@ class FinetuneTask:
 
     def validation_rows(self, model: torch.nn.Module) -> list[dict]:
         """Per case and labelled organ Dice / HD95 on the validation cases, in their original geometry."""
-        from finetune.metrics import case_metrics
+        from mosmos.finetune.metrics import case_metrics
 
         device = next(model.parameters()).device
         predictor = Predictor(
@@ -157,7 +157,7 @@ class FinetuneTask:
         return rows
 
     def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
-        from finetune.metrics import summarize, write_case_csv
+        from mosmos.finetune.metrics import summarize, write_case_csv
 
         rows = self.validation_rows(model)
         summary = summarize(rows)
@@ -177,8 +177,8 @@ class FinetuneTask:
 
 def run(cfg: FinetuneConfig) -> dict:
     """Train stage 2 as configured; returns the best validation metrics."""
-    from finetune.metrics import format_dice_table, read_case_csv, summarize
     from mosmos.engine import Engine, start_run
+    from mosmos.finetune.metrics import format_dice_table, read_case_csv, summarize
 
     output_dir = Path(cfg.output_dir)
     accelerator = start_run(cfg, cfg.train)
@@ -203,7 +203,9 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description="mosmos stage 2 fine-tuning")
+    parser = argparse.ArgumentParser(
+        prog="python -m mosmos.finetune", description="mosmos stage 2 fine-tuning"
+    )
     parser.add_argument("--config", required=True, help="YAML config (see configs/finetune/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     args = parser.parse_args(argv)

@@ -14,45 +14,56 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from models.attention import PixelTagAttention, TagAttentionHead
-    from models.distributed import all_gather_with_grad
-    from models.encoders import ImageEncoder, ResCNNEncoder, SwinViTEncoder, resize_mask
-    from models.encoders.vit import ViTEncoder
-    from models.losses import ClipLoss, TagLoss, class_balance_weights
-    from models.pretrain_model import MosmosPretrainModel
-    from models.registry import create_image_encoder, create_model, list_families, list_models, register_model
-    from models.seg_losses import MarginalLoss, MaskedBCEDiceLoss, decode_prediction, organ_probabilities
-    from models.segmentation import MOCTransSegmenter, SegmenterBase, UNETRSegmenter, UNetSegmenter
-    from models.text import TextEncoder, build_small_bert
+    from mosmos.models.attention import PixelTagAttention, TagAttentionHead
+    from mosmos.models.distributed import all_gather_with_grad
+    from mosmos.models.encoders import ImageEncoder, ResCNNEncoder, SwinViTEncoder, resize_mask
+    from mosmos.models.encoders.vit import ViTEncoder
+    from mosmos.models.losses import ClipLoss, TagLoss, class_balance_weights
+    from mosmos.models.pretrain_model import MosmosPretrainModel
+    from mosmos.models.registry import (
+        create_image_encoder,
+        create_model,
+        list_families,
+        list_models,
+        register_model,
+    )
+    from mosmos.models.seg_losses import (
+        MarginalLoss,
+        MaskedBCEDiceLoss,
+        decode_prediction,
+        organ_probabilities,
+    )
+    from mosmos.models.segmentation import MOCTransSegmenter, SegmenterBase, UNETRSegmenter, UNetSegmenter
+    from mosmos.models.text import TextEncoder, build_small_bert
 
 _EXPORTS = {
-    "PixelTagAttention": "models.attention",
-    "TagAttentionHead": "models.attention",
-    "all_gather_with_grad": "models.distributed",
-    "ImageEncoder": "models.encoders",
-    "ResCNNEncoder": "models.encoders",
-    "SwinViTEncoder": "models.encoders",
-    "resize_mask": "models.encoders",
-    "ViTEncoder": "models.encoders.vit",
-    "ClipLoss": "models.losses",
-    "TagLoss": "models.losses",
-    "class_balance_weights": "models.losses",
-    "MosmosPretrainModel": "models.pretrain_model",
-    "create_image_encoder": "models.registry",
-    "create_model": "models.registry",
-    "list_families": "models.registry",
-    "list_models": "models.registry",
-    "register_model": "models.registry",
-    "MOCTransSegmenter": "models.segmentation",
-    "SegmenterBase": "models.segmentation",
-    "UNETRSegmenter": "models.segmentation",
-    "UNetSegmenter": "models.segmentation",
-    "MarginalLoss": "models.seg_losses",
-    "MaskedBCEDiceLoss": "models.seg_losses",
-    "decode_prediction": "models.seg_losses",
-    "organ_probabilities": "models.seg_losses",
-    "TextEncoder": "models.text",
-    "build_small_bert": "models.text",
+    "PixelTagAttention": "mosmos.models.attention",
+    "TagAttentionHead": "mosmos.models.attention",
+    "all_gather_with_grad": "mosmos.models.distributed",
+    "ImageEncoder": "mosmos.models.encoders",
+    "ResCNNEncoder": "mosmos.models.encoders",
+    "SwinViTEncoder": "mosmos.models.encoders",
+    "resize_mask": "mosmos.models.encoders",
+    "ViTEncoder": "mosmos.models.encoders.vit",
+    "ClipLoss": "mosmos.models.losses",
+    "TagLoss": "mosmos.models.losses",
+    "class_balance_weights": "mosmos.models.losses",
+    "MosmosPretrainModel": "mosmos.models.pretrain_model",
+    "create_image_encoder": "mosmos.models.registry",
+    "create_model": "mosmos.models.registry",
+    "list_families": "mosmos.models.registry",
+    "list_models": "mosmos.models.registry",
+    "register_model": "mosmos.models.registry",
+    "MOCTransSegmenter": "mosmos.models.segmentation",
+    "SegmenterBase": "mosmos.models.segmentation",
+    "UNETRSegmenter": "mosmos.models.segmentation",
+    "UNetSegmenter": "mosmos.models.segmentation",
+    "MarginalLoss": "mosmos.models.seg_losses",
+    "MaskedBCEDiceLoss": "mosmos.models.seg_losses",
+    "decode_prediction": "mosmos.models.seg_losses",
+    "organ_probabilities": "mosmos.models.seg_losses",
+    "TextEncoder": "mosmos.models.text",
+    "build_small_bert": "mosmos.models.text",
 }
 
 __all__ = [

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.encoders.base import resize_mask
+from mosmos.models.encoders.base import resize_mask
 
 __all__ = ["VALUE_SOURCES", "PixelTagAttention", "TagAttentionHead", "TopDownFusion"]
 

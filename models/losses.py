@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.distributed import all_gather_with_grad, gather_sizes, is_distributed, rank_and_world
+from mosmos.models.distributed import all_gather_with_grad, gather_sizes, is_distributed, rank_and_world
 
 __all__ = ["ClipLoss", "TagLoss", "class_balance_weights"]
 
@@ -22,7 +22,7 @@ class ClipLoss(nn.Module):
     which gives small batches many more negatives. Each process computes the loss of its own rows
     against all columns (labels offset by the sizes of the lower ranks' batches), so the mean of
     the per-process losses equals the single-process loss on the global batch and, with DDP's
-    gradient averaging, the gradients match it too (see ``models.distributed``).
+    gradient averaging, the gradients match it too (see ``mosmos.models.distributed``).
 
     The queue holds detached embeddings from earlier steps (older weights, and possibly the same
     scan from an earlier epoch), is updated with the gathered global batch after each call in

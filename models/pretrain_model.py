@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import TagAttentionHead
-from models.encoders.base import ImageEncoder
-from models.text import TextEncoder
+from mosmos.models.attention import TagAttentionHead
+from mosmos.models.encoders.base import ImageEncoder
+from mosmos.models.text import TextEncoder
 
 __all__ = ["MosmosPretrainModel", "ProjectionHead"]
 

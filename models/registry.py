@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from torch import nn
 
 if TYPE_CHECKING:
-    from models.encoders.base import ImageEncoder
+    from mosmos.models.encoders.base import ImageEncoder
 
 __all__ = ["create_image_encoder", "create_model", "list_families", "list_models", "register_model"]
 
 _BuilderT = TypeVar("_BuilderT", bound=Callable[..., nn.Module])
 _REGISTRY: dict[str, dict[str, Callable[..., nn.Module]]] = {}
 _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
-    "image_encoder": ("models.encoders",),
-    "segmenter": ("models.segmentation",),
+    "image_encoder": ("mosmos.models.encoders",),
+    "segmenter": ("mosmos.models.segmentation",),
 }
 
 

@@ -431,10 +431,10 @@ def check_report_table(
     """Every problem of an image–report table and its images.
 
     Returns:
-        The report, and the usable records (as :func:`pretrain.table.read_report_table` gives them)
+        The report, and the usable records (as :func:`mosmos.table.read_report_table` gives them)
         with every case that has an error left out.
     """
-    from pretrain.table import read_report_table
+    from mosmos.table import read_report_table
 
     report = CheckReport(str(path), "report table")
     try:

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from mosmos.errors import ConfigError
+from mosmos.resources import resolve_config
 
 T = TypeVar("T")
 
@@ -183,9 +184,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Read a YAML config into ``cls``, apply dotted overrides, check everything."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -29,9 +29,9 @@ from typing import Any, Literal, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mosmos.channels_last import to_channels_last
 from mosmos.errors import ConfigError, MosmosError
 from mosmos.io import write_json
-from mosmos.layout import to_channels_last
 
 logger = logging.getLogger("mosmos")
 
@@ -64,7 +64,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
     deterministic: bool = False  # torch deterministic algorithms (for exact-resume checks)
     # store convolution weights channels-last (NDHWC): faster 3D convolutions on CPU (oneDNN) and on
-    # recent GPUs; same numbers up to float rounding, same checkpoints (mosmos.layout)
+    # recent GPUs; same numbers up to float rounding, same checkpoints (mosmos.channels_last)
     channels_last: bool = False
 
     def validate(self) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import yaml
 
 from mosmos.errors import ConfigError
+from mosmos.resources import configs_dir
 
-DEFAULT_VOCABULARY = Path(__file__).resolve().parent / "data" / "organs.yaml"
+DEFAULT_VOCABULARY = configs_dir() / "organs.yaml"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

@@ -1,8 +1,8 @@
-"""``python -m pretrain --config FILE`` (also under ``accelerate launch -m pretrain``)."""
+"""``python -m mosmos.pretrain --config FILE`` (also under ``accelerate launch -m mosmos.pretrain``)."""
 
 import sys
 
-from mosmos.cli import run_stage
-from pretrain.train import main
+from mosmos.entry import run_stage
+from mosmos.pretrain.train import main
 
 sys.exit(run_stage("pretrain", main))

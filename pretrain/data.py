@@ -1,6 +1,6 @@
 """Image–report data for stage 1: split, dataset (cached preprocessing + augmentation), collator.
 
-The organ tags come in as an array computed by the caller (``pretrain.tags.tag_matrix`` over the
+The organ tags come in as an array computed by the caller (``mosmos.pretrain.tags.tag_matrix`` over the
 reports), so this module never parses text. Volumes go through the shared chain of
 :mod:`mosmos.transforms`, the deterministic part cached on disk by :mod:`mosmos.cache`; optional
 ground-truth organ label maps (for the pointing game) go through the same chain, nearest neighbour.
@@ -63,7 +63,7 @@ class ImageReportDataset(Dataset):
     """CT volumes with their reports and organ tags.
 
     Args:
-        records: from :func:`pretrain.table.read_report_table` (``case_id``, ``image``, ``report``).
+        records: from :func:`mosmos.table.read_report_table` (``case_id``, ``image``, ``report``).
         tags: ``[N, n_organs, 2]`` int8 (1 positive, 0 negative, -1 unknown), row i for record i.
         preprocess: the shared preprocessing config (spacing, size, HU window, ...).
         cache_dir: root of the preprocessing cache (``None``: preprocess on every access).
@@ -94,9 +94,7 @@ class ImageReportDataset(Dataset):
         self.records = [dict(r) for r in records]
         missing = [k for k in ("case_id", "image", "report") if self.records and k not in self.records[0]]
         if missing:
-            raise DataError(
-                f"records lack key(s) {missing}; build them with pretrain.table.read_report_table"
-            )
+            raise DataError(f"records lack key(s) {missing}; build them with mosmos.table.read_report_table")
         tags = torch.as_tensor(np.asarray(tags))
         if tags.ndim != 3 or tags.shape[0] != len(self.records) or tags.shape[2] != 2:
             raise DataError(
@@ -260,11 +258,11 @@ def _findings(root: Path, records: list[dict]) -> list[dict] | None:
 
 def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
     """Read the report table, parse tags, split by seed and build the cached datasets of a
-    :class:`pretrain.config.PretrainConfig`. With ``data.shuffle_reports`` every scan is paired with
+    :class:`mosmos.pretrain.config.PretrainConfig`. With ``data.shuffle_reports`` every scan is paired with
     another scan's report (and its tags): the shuffled-report control of the benchmark."""
     from mosmos.check import CaseFiles, start_up_checks
-    from pretrain.table import read_report_table
-    from pretrain.tags import tag_matrix
+    from mosmos.pretrain.tags import tag_matrix
+    from mosmos.table import read_report_table
 
     d = cfg.data
     cache_dir = Path(d.cache_dir) if d.cache_dir else Path(cfg.output_dir).parent / ".cache"

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pretrain.metrics import finding_auroc, pointing_game, retrieval_recall, tag_auroc_ap
+from mosmos.pretrain.metrics import finding_auroc, pointing_game, retrieval_recall, tag_auroc_ap
 
 
 @torch.no_grad()
@@ -83,7 +83,7 @@ def compute_metrics(
     With ``spacing`` (mm, of the label maps) the pointing game is also scored with a tolerance of
     ``tolerance_mm`` (``pointing_game_tolerant``), with the median distance of the attention peaks to
     their organs (``attention_peak_distance_mm``), overall and per organ. With ``findings`` (ground
-    truth per scan, see :func:`pretrain.metrics.finding_auroc`) each finding's AUROC of its organ's
+    truth per scan, see :func:`mosmos.pretrain.metrics.finding_auroc`) each finding's AUROC of its organ's
     abnormal logit goes in as ``finding_AUROC/<organ>/<finding>``.
     """
     metrics: dict[str, float] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.losses import ClipLoss, TagLoss
+from mosmos.models.losses import ClipLoss, TagLoss
 
 
 class PretrainObjective(nn.Module):

@@ -1,4 +1,4 @@
-"""The English report lexicon behind :mod:`pretrain.tags`: findings, normal and negation cues,
+"""The English report lexicon behind :mod:`mosmos.pretrain.tags`: findings, normal and negation cues,
 their scope terminators, resection and field-of-view phrases, catch-all sentences.
 
 Organ names are not here: they come from the vocabulary (``configs/organs.yaml``). Every

@@ -11,7 +11,7 @@ attention learns them from the image:
 The parser is rule based, sentence by sentence, in the spirit of NegEx (Chapman et al., 2001):
 organ mentions come from the vocabulary's synonyms (longest match first, plurals allowed);
 findings, normal cues, negation cues and their scope, resection and field-of-view phrases
-come from the lexicon in :mod:`pretrain.tag_lexicon`. Statements about one organ combine as:
+come from the lexicon in :mod:`mosmos.pretrain.tag_lexicon`. Statements about one organ combine as:
 absent beats present; an explicit description beats "outside the field of view"; abnormal
 beats normal; a catch-all sentence ("Otherwise unremarkable.") marks every organ the report
 says nothing else about as present and normal.
@@ -33,8 +33,8 @@ from itertools import pairwise
 
 import numpy as np
 
+from mosmos.pretrain import tag_lexicon as lex
 from mosmos.vocabulary import Organ, Vocabulary
-from pretrain import tag_lexicon as lex
 
 PRESENT, ABSENT, UNKNOWN = 1, 0, -1
 ABNORMAL, NORMAL = 1, 0

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from mosmos.errors import DataError
+from mosmos.pretrain.tags import tag_frequencies, tag_matrix
+from mosmos.table import read_report_table
 from mosmos.vocabulary import Vocabulary, load_vocabulary
-from pretrain.table import read_report_table
-from pretrain.tags import tag_frequencies, tag_matrix
 
 
 def add_table_column_arguments(parser: argparse.ArgumentParser) -> None:

@@ -79,7 +79,7 @@ def build_text_side(
     """
     from transformers import AutoTokenizer
 
-    from models.text import TextEncoder, build_small_bert
+    from mosmos.models.text import TextEncoder, build_small_bert
 
     if name == SMALL_BERT:
         if saved_tokenizer is not None and Path(saved_tokenizer).is_dir():

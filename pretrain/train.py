@@ -1,4 +1,4 @@
-"""Stage 1 entry point: ``mosmos pretrain --config FILE`` / ``accelerate launch -m pretrain --config FILE``.
+"""Stage 1 entry point: ``mosmos pretrain --config FILE`` / ``accelerate launch -m mosmos.pretrain --config FILE``.
 
 Reads the report table, parses organ tags, builds the image encoder, text encoder and pixel-tag
 attention, trains them with the shared engine, evaluates each epoch and exports the encoder.
@@ -16,8 +16,8 @@ import torch
 
 from mosmos.config import check_divisible, load_config
 from mosmos.io import write_json
+from mosmos.pretrain.config import PretrainConfig
 from mosmos.vocabulary import Vocabulary, load_vocabulary
-from pretrain.config import PretrainConfig
 
 logger = logging.getLogger("mosmos")
 
@@ -40,12 +40,12 @@ class PretrainTask:
     """What the engine needs for stage 1: model (with losses), data and the step/eval functions."""
 
     def __init__(self, cfg: PretrainConfig, accelerator) -> None:
-        from models.losses import class_balance_weights
-        from models.pretrain_model import MosmosPretrainModel
-        from models.registry import create_image_encoder
-        from pretrain.data import build_datasets
-        from pretrain.objective import PretrainObjective
-        from pretrain.text import build_text_side
+        from mosmos.models.losses import class_balance_weights
+        from mosmos.models.pretrain_model import MosmosPretrainModel
+        from mosmos.models.registry import create_image_encoder
+        from mosmos.pretrain.data import build_datasets
+        from mosmos.pretrain.objective import PretrainObjective
+        from mosmos.pretrain.text import build_text_side
 
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -136,7 +136,7 @@ class PretrainTask:
         return model(batch)
 
     def evaluate(self, objective, epoch: int) -> dict[str, float]:
-        from pretrain.evaluate import collect_outputs
+        from mosmos.pretrain.evaluate import collect_outputs
 
         model = objective.model
         device = next(model.parameters()).device
@@ -162,7 +162,7 @@ class PretrainTask:
         return DataLoader(dataset, batch_size=self.cfg.train.batch_size, collate_fn=self.collate_fn)
 
     def _metrics(self, objective, outputs: dict, findings) -> dict[str, float]:
-        from pretrain.evaluate import compute_metrics
+        from mosmos.pretrain.evaluate import compute_metrics
 
         device = next(objective.parameters()).device
         extra = {}
@@ -187,7 +187,7 @@ def export(task: PretrainTask, objective, output_dir: Path) -> None:
     from safetensors.torch import save_file
 
     from mosmos.io import atomic_path
-    from pretrain.metrics import save_attention_overlays
+    from mosmos.pretrain.metrics import save_attention_overlays
 
     cfg, model = task.cfg, objective.model
     tensors = {
@@ -271,7 +271,9 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain", description="MOSMOS stage 1 pretraining")
+    parser = argparse.ArgumentParser(
+        prog="python -m mosmos.pretrain", description="MOSMOS stage 1 pretraining"
+    )
     parser.add_argument("--config", required=True, help="YAML config (see configs/pretrain/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     args = parser.parse_args(argv)

@@ -356,8 +356,8 @@ def test_check_a_pretrain_or_finetune_config(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ training checks
 def _seg_cfg(tmp_path, roots, **data):
-    from finetune.config import FinetuneConfig
     from mosmos.config import load_config
+    from mosmos.finetune.config import FinetuneConfig
 
     overrides = [f"output_dir={tmp_path / 'run'}", "data.datasets=[" + ",".join(map(str, roots)) + "]"]
     overrides += [f"data.{k}={v}" for k, v in data.items()]
@@ -365,7 +365,7 @@ def _seg_cfg(tmp_path, roots, **data):
 
 
 def test_finetune_data_errors_or_skips_bad_cases(tmp_path, vocab):
-    from finetune.data import build_seg_data
+    from mosmos.finetune.data import build_seg_data
 
     root = _dataset(tmp_path / "Dataset006_Train", cases=("a", "b", "c", "d", "e"))
     _truncate(root / "labelsTr/c.nii.gz")
@@ -497,7 +497,7 @@ def test_broken_model_files_are_named(tmp_path, tiny_synth, capsys):
 
 def test_a_misspelled_pretrain_key_is_a_clear_error(tmp_path):
     from mosmos.config import load_config
-    from pretrain.config import PretrainConfig
+    from mosmos.pretrain.config import PretrainConfig
 
     with pytest.raises(ConfigError, match=r"unknown key"):
         load_config(PretrainConfig, None, ["data.tabel=x.csv"])

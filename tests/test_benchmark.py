@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from finetune import benchmark
-from finetune.benchmark import BenchmarkConfig, make_plan, run_benchmark
-from finetune.benchmark_stats import (
+from mosmos.benchmark import grid as benchmark
+from mosmos.benchmark.grid import BenchmarkConfig, make_plan, run_benchmark
+from mosmos.benchmark.stats import (
     MIN_NONZERO_PAIRS,
     cell_means,
     format_mean_std_table,

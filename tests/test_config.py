@@ -6,7 +6,7 @@ import pytest
 
 from mosmos.config import dump_config, load_config
 from mosmos.errors import ConfigError
-from pretrain.config import PretrainConfig
+from mosmos.pretrain.config import PretrainConfig
 
 
 def _write(tmp_path, text):
@@ -71,8 +71,8 @@ _REQUIRED = {
 def test_every_shipped_config_loads(stage):
     from pathlib import Path
 
-    from finetune.benchmark import BenchmarkConfig
-    from finetune.config import FinetuneConfig
+    from mosmos.benchmark.grid import BenchmarkConfig
+    from mosmos.finetune.config import FinetuneConfig
 
     schema = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "benchmark": BenchmarkConfig}[stage]
     paths = sorted((Path(__file__).resolve().parent.parent / "configs" / stage).glob("*.yaml"))

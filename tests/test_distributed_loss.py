@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from models.distributed import all_gather_with_grad
-from models.losses import ClipLoss
+from mosmos.models.distributed import all_gather_with_grad
+from mosmos.models.losses import ClipLoss
 
 WORLD, LOCAL, DIM, SCALE = 2, 3, 8, 12.0
 

@@ -90,8 +90,8 @@ def test_a_tampered_checkpoint_runs_no_code_and_falls_back(tmp_path, caplog):
 def test_hugging_face_code_is_trusted_only_when_the_config_says_so(tmp_path, monkeypatch):
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-    from pretrain.config import PretrainConfig
-    from pretrain.text import build_text_side, train_wordpiece_tokenizer
+    from mosmos.pretrain.config import PretrainConfig
+    from mosmos.pretrain.text import build_text_side, train_wordpiece_tokenizer
 
     hf_dir = tmp_path / "bert"
     BertModel(
@@ -120,7 +120,7 @@ def test_hugging_face_code_is_trusted_only_when_the_config_says_so(tmp_path, mon
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     import nibabel as nib
 
-    from finetune import inference
+    from mosmos.finetune import inference
 
     ref = tmp_path / "ref.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.int16), np.eye(4)), str(ref))

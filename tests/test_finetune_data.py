@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.config import FinetuneConfig
-from finetune.data import _split, build_seg_data, build_train_dataset, case_weights, resolve_preprocess
 from mosmos.config import load_config
 from mosmos.errors import ConfigError
+from mosmos.finetune.config import FinetuneConfig
+from mosmos.finetune.data import _split, build_seg_data, build_train_dataset, case_weights, resolve_preprocess
 from mosmos.segdata import SegCase
 from mosmos.vocabulary import load_vocabulary
 from tests.conftest import REPO

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.inference import (
+from mosmos.errors import ConfigError
+from mosmos.finetune.inference import (
     ModelSpec,
     Predictor,
     decode_probabilities,
@@ -18,8 +19,7 @@ from finetune.inference import (
     organ_probabilities,
     save_label_map,
 )
-from finetune.predict import _case_name, safe_output_path
-from mosmos.errors import ConfigError
+from mosmos.finetune.predict import _case_name, safe_output_path
 from mosmos.transforms import PreprocessConfig
 
 ORGAN_HU = {1: 100.0, 2: 250.0}  # organ id -> HU; body is 0 HU, air -1000

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from finetune.metrics import CSV_COLUMNS, case_metrics, format_dice_table, summarize, write_case_csv
+from mosmos.finetune.metrics import CSV_COLUMNS, case_metrics, format_dice_table, summarize, write_case_csv
 
 ORGANS = ["liver", "spleen", "kidney"]
 

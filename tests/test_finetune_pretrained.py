@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune.pretrained import LoadReport, build_segmenter, read_encoder_export
-from models import ResCNNEncoder, TagAttentionHead, ViTEncoder, create_image_encoder
 from mosmos.errors import ConfigError
+from mosmos.finetune.pretrained import LoadReport, build_segmenter, read_encoder_export
+from mosmos.models import ResCNNEncoder, TagAttentionHead, ViTEncoder, create_image_encoder
 
 torch.set_num_threads(2)
 

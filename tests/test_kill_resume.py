@@ -2,7 +2,7 @@
 a corrupt newest checkpoint, resume with ``train.resume=latest`` and end bit for bit where an
 uninterrupted run ends (CPU, ``train.deterministic=true``, one thread).
 
-The uninterrupted reference of each stage is a real ``python -m pretrain`` / ``python -m finetune``
+The uninterrupted reference of each stage is a real ``python -m mosmos.pretrain`` / ``python -m mosmos.finetune``
 process, run once per module. The faulted runs are the same ``python -m`` entry points
 (``runpy.run_module(stage, run_name="__main__")``), forked from a helper process that has already
 imported torch, MONAI and the project: each run then costs its training time rather than ~6 s of
@@ -61,8 +61,8 @@ ZYGOTE = r"""
 import importlib, json, os, runpy, signal, sys, traceback
 
 for name in ("torch", "monai", "transformers", "accelerate", "safetensors.torch", "tqdm.auto",
-             "torch.utils.tensorboard", "mosmos.cli", "mosmos.engine", "pretrain.train",
-             "pretrain.objective", "pretrain.metrics", "finetune.train", "finetune.metrics"):
+             "torch.utils.tensorboard", "mosmos.cli", "mosmos.engine", "mosmos.pretrain.train",
+             "mosmos.pretrain.objective", "mosmos.pretrain.metrics", "mosmos.finetune.train", "mosmos.finetune.metrics"):
     try:
         importlib.import_module(name)
     except ImportError:

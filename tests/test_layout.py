@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.registry import create_image_encoder
+from mosmos.channels_last import is_channels_last, to_channels_last
 from mosmos.engine import Engine, TrainConfig
-from mosmos.layout import is_channels_last, to_channels_last
+from mosmos.models.registry import create_image_encoder
 
 
 def _encoder():

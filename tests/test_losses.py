@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import ClipLoss, TagLoss, class_balance_weights
+from mosmos.models.losses import ClipLoss, TagLoss, class_balance_weights
 
 torch.set_num_threads(2)
 

@@ -4,8 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from models import ImageEncoder, create_image_encoder, list_models, register_model, registry, resize_mask
-from models.registry import create_model
+from mosmos.models import (
+    ImageEncoder,
+    create_image_encoder,
+    list_models,
+    register_model,
+    registry,
+    resize_mask,
+)
+from mosmos.models.registry import create_model
 
 torch.set_num_threads(2)
 

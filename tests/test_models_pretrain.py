@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from models import (
+from mosmos.models import (
     ClipLoss,
     MosmosPretrainModel,
     PixelTagAttention,
@@ -17,7 +17,7 @@ from models import (
     build_small_bert,
     create_image_encoder,
 )
-from pretrain.text import train_wordpiece_tokenizer
+from mosmos.pretrain.text import train_wordpiece_tokenizer
 
 torch.set_num_threads(2)
 
@@ -436,7 +436,7 @@ def test_level0_values_average_or_keep_a_one_voxel_finding(source, expected):
 
 
 def test_package_exports_resolve_lazily():
-    import models as package
+    import mosmos.models as package
 
     for name in package.__all__:
         assert getattr(package, name) is not None

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import TagAttentionHead, ViTEncoder, create_image_encoder, create_model, list_models
-from models.segmentation import MOCTransSegmenter, SegmenterBase, TaskTokenTransformer
-from models.segmentation.mo_ctrans import sinusoidal_position
-from models.segmentation.unetr import unetr_stage_strides
+from mosmos.models import TagAttentionHead, ViTEncoder, create_image_encoder, create_model, list_models
+from mosmos.models.segmentation import MOCTransSegmenter, SegmenterBase, TaskTokenTransformer
+from mosmos.models.segmentation.mo_ctrans import sinusoidal_position
+from mosmos.models.segmentation.unetr import unetr_stage_strides
 
 torch.set_num_threads(2)
 

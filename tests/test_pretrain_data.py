@@ -1,4 +1,4 @@
-"""Report tables (pretrain.table), splits, the image–report dataset and collator (pretrain.data)."""
+"""Report tables (mosmos.table), splits, the image–report dataset and collator (mosmos.pretrain.data)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 from mosmos.errors import ConfigError, DataError
+from mosmos.pretrain.data import ImageReportDataset, ReportCollator, split_cases
+from mosmos.table import read_report_table
 from mosmos.transforms import PreprocessConfig
-from pretrain.data import ImageReportDataset, ReportCollator, split_cases
-from pretrain.table import read_report_table
 from tests.test_transforms import write_phantom
 
 ROWS = [
@@ -163,9 +163,9 @@ def test_build_datasets_passes_augment_options(cases, tmp_path):
     """data.augment_options reaches the training set: with every random step switched off, a
     training item equals the unaugmented volume; the defaults change it."""
     from mosmos.config import load_config
+    from mosmos.pretrain.config import PretrainConfig
+    from mosmos.pretrain.data import build_datasets
     from mosmos.vocabulary import load_vocabulary
-    from pretrain.config import PretrainConfig
-    from pretrain.data import build_datasets
 
     records, _, _ = cases
     rows = [
@@ -239,7 +239,7 @@ def test_collator_batches_and_tokenizes(cases):
 
 
 def test_ground_truth_findings_are_optional_and_bad_ones_named(tmp_path):
-    from pretrain.data import _findings
+    from mosmos.pretrain.data import _findings
 
     records = [{"case_id": "a"}, {"case_id": "b"}]
     assert _findings(tmp_path, records) is None  # no findings.json: nothing to score

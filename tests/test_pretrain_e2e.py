@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from mosmos.config import load_config
 from mosmos.errors import ConfigError
-from pretrain.config import PretrainConfig
-from pretrain.train import run
+from mosmos.pretrain.config import PretrainConfig
+from mosmos.pretrain.train import run
 from tests.conftest import REPO, tiny_pretrain_overrides
 
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
@@ -69,7 +69,7 @@ def test_train_cases_must_be_a_count(tiny_synth, tmp_path):
 def test_local_huggingface_text_encoder(tiny_synth, tmp_path):
     from transformers import BertConfig, BertModel
 
-    from pretrain.text import train_wordpiece_tokenizer
+    from mosmos.pretrain.text import train_wordpiece_tokenizer
 
     hf_dir = tmp_path / "tiny-bert"
     tok = train_wordpiece_tokenizer(["the liver is normal", "no focal hepatic lesion"] * 5, vocab_size=120)
@@ -88,7 +88,7 @@ def test_local_huggingface_text_encoder(tiny_synth, tmp_path):
 
 
 def test_two_process_launch_forms_one_group(tiny_synth, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 -m pretrain` on CPU: one gloo group, half the steps."""
+    """`accelerate launch --multi_gpu --num_processes 2 -m mosmos.pretrain` on CPU: one gloo group, half the steps."""
     out = tmp_path / "ddp"
     cmd = [
         sys.executable,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.metrics import (
+from mosmos.pretrain.metrics import (
     average_precision,
     finding_auroc,
     pointing_game,
@@ -235,7 +235,7 @@ def test_save_attention_overlays(tmp_path):
 
 def test_compute_metrics_reports_each_organ():
     """Per-organ pointing and tag AUROC in metrics.json, worked by hand: two scans, two organs."""
-    from pretrain.evaluate import compute_metrics
+    from mosmos.pretrain.evaluate import compute_metrics
 
     labels = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
     labels[:, :, :2] = 1  # organ "a" fills the x < 2 half, organ "b" the other

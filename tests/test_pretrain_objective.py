@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.losses import TagLoss
-from models.pretrain_model import MosmosPretrainModel
-from models.registry import create_image_encoder
-from models.text import TextEncoder, build_small_bert
-from pretrain.objective import PretrainObjective
+from mosmos.models.losses import TagLoss
+from mosmos.models.pretrain_model import MosmosPretrainModel
+from mosmos.models.registry import create_image_encoder
+from mosmos.models.text import TextEncoder, build_small_bert
+from mosmos.pretrain.objective import PretrainObjective
 
 
 def _model(text=True):
@@ -119,7 +119,7 @@ def test_pooled_tag_head_is_a_jointly_trained_linear_probe():
 def test_text_lr_scale_prefix_names_the_text_tower():
     """train.text_lr_scale reaches exactly the text encoder's parameters through the engine's groups."""
     from mosmos.engine import parameter_groups
-    from pretrain.train import TEXT_PARAMETERS
+    from mosmos.pretrain.train import TEXT_PARAMETERS
 
     objective = PretrainObjective(_model(), contrastive_weight=1.0, tag_weight=1.0)
     groups = parameter_groups(objective, 0.01, {TEXT_PARAMETERS: 0.1})

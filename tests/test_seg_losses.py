@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.seg_losses import MarginalLoss, MaskedBCEDiceLoss, decode_prediction, organ_probabilities
+from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss, decode_prediction, organ_probabilities
 
 torch.set_num_threads(2)
 

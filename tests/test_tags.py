@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from mosmos.errors import DataError
+from mosmos.pretrain import tags_cli
+from mosmos.pretrain.tags import ReportTags, TagParser, parse_report, tag_frequencies, tag_matrix
 from mosmos.synth import findings_to_tags, synthesize
+from mosmos.table import read_report_table
 from mosmos.vocabulary import Vocabulary, load_vocabulary
-from pretrain import tags_cli
-from pretrain.table import read_report_table
-from pretrain.tags import ReportTags, TagParser, parse_report, tag_frequencies, tag_matrix
 
 VOCAB = load_vocabulary()
 PARSER = TagParser(VOCAB)

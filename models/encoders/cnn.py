@@ -9,8 +9,8 @@ import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
-from models.encoders.base import ImageEncoder, with_spatial_dims
-from models.registry import register_model
+from mosmos.models.encoders.base import ImageEncoder, with_spatial_dims
+from mosmos.models.registry import register_model
 
 __all__ = ["PADDING_MODES", "ResCNNEncoder", "rescnn2d", "rescnn3d", "set_padding_mode"]
 

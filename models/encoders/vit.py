@@ -11,8 +11,8 @@ from monai.networks.nets.swin_unetr import SwinTransformer
 from monai.networks.nets.vit import ViT
 from torch import nn
 
-from models.encoders.base import ImageEncoder, with_spatial_dims
-from models.registry import register_model
+from mosmos.models.encoders.base import ImageEncoder, with_spatial_dims
+from mosmos.models.registry import register_model
 
 __all__ = ["SwinViTEncoder", "ViTEncoder", "swinvit2d", "swinvit3d", "vit2d", "vit3d"]
 

@@ -3,17 +3,17 @@
 
 Example::
 
-    from models import create_image_encoder, create_model
+    from mosmos.models import create_image_encoder, create_model
 
     encoder = create_image_encoder("rescnn3d", channels=(16, 32, 48, 64), strides=(2, 2, 2, 2))
     net = create_model("segmenter", "mo_ctrans", encoder=encoder, num_classes=11, num_tasks=3)
     logits = net(image, task=task_ids, mask=body)  # [B, 11, *image.shape[2:]]
 """
 
-from models.segmentation.common import ENCODER_PREFIXES, SegmenterBase, UpStage
-from models.segmentation.mo_ctrans import MOCTransSegmenter, TaskTokenTransformer
-from models.segmentation.unet import UNetSegmenter
-from models.segmentation.unetr import UNETRSegmenter
+from mosmos.models.segmentation.common import ENCODER_PREFIXES, SegmenterBase, UpStage
+from mosmos.models.segmentation.mo_ctrans import MOCTransSegmenter, TaskTokenTransformer
+from mosmos.models.segmentation.unet import UNetSegmenter
+from mosmos.models.segmentation.unetr import UNETRSegmenter
 
 __all__ = [
     "ENCODER_PREFIXES",

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock, get_conv_layer
 from torch import nn
 
-from models.attention import TagAttentionHead
-from models.encoders.base import ImageEncoder
+from mosmos.models.attention import TagAttentionHead
+from mosmos.models.encoders.base import ImageEncoder
 
 __all__ = [
     "ENCODER_PREFIXES",

@@ -11,10 +11,10 @@ from monai.networks.blocks import UnetOutBlock
 from monai.networks.blocks.dynunet_block import UnetBasicBlock
 from torch import nn
 
-from models.attention import TagAttentionHead
-from models.encoders.base import ImageEncoder
-from models.registry import create_image_encoder, register_model
-from models.segmentation.common import SegmenterBase, UpStage, decoder_strides
+from mosmos.models.attention import TagAttentionHead
+from mosmos.models.encoders.base import ImageEncoder
+from mosmos.models.registry import create_image_encoder, register_model
+from mosmos.models.segmentation.common import SegmenterBase, UpStage, decoder_strides
 
 __all__ = ["UNetSegmenter", "resolve_encoder", "unet"]
 
@@ -26,7 +26,7 @@ class UNetSegmenter(SegmenterBase):
     encoder's feature pyramid.
 
     From the deepest level (the bottleneck) up, each stage up-samples to the next finer encoder level
-    and fuses it as a skip (:class:`~models.segmentation.common.UpStage`). When the encoder's finest
+    and fuses it as a skip (:class:`~mosmos.models.segmentation.common.UpStage`). When the encoder's finest
     level is below full resolution (stride > 1, e.g. ``rescnn3d`` with strides ``[2, 2, 2, 2]``), a
     small stem (a MONAI ``UnetBasicBlock`` on the raw input) provides the last, full-resolution skip;
     with strides like ``[1, 2, 2, 2]`` level 0 is already full resolution and there is no stem. A

@@ -7,17 +7,19 @@ the models and a missing optional piece cannot break unrelated verbs.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from mosmos.entry import setup_logging
 from mosmos.errors import MosmosError
-
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config file, or a shipped config by name (pretrain/demo, finetune/default, ...)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.size=[64,64,32]")
 
 
@@ -32,7 +34,7 @@ def _synth(sub) -> None:
 
 
 def _tags(sub) -> None:
-    from pretrain import tags_cli  # light: the parser and table reader, no models
+    from mosmos.pretrain import tags_cli  # light: the parser and table reader, no models
 
     p = sub.add_parser("tags", help="parse a report table into organ tags and print per-organ frequencies")
     tags_cli.add_arguments(p)
@@ -40,7 +42,7 @@ def _tags(sub) -> None:
 
 
 def _check(sub) -> None:
-    from mosmos import check_cli
+    from mosmos.cli import check as check_cli
 
     p = sub.add_parser(
         "check",
@@ -57,7 +59,7 @@ def _pretrain(sub) -> None:
     _add_run_arguments(p)
 
     def run(args):
-        from pretrain.train import main
+        from mosmos.pretrain.train import main
 
         return main(["--config", args.config, *args.overrides])
 
@@ -69,7 +71,7 @@ def _finetune(sub) -> None:
     _add_run_arguments(p)
 
     def run(args):
-        from finetune.train import main
+        from mosmos.finetune.train import main
 
         return main(["--config", args.config, *args.overrides])
 
@@ -77,7 +79,7 @@ def _finetune(sub) -> None:
 
 
 def _evaluate(sub) -> None:
-    from finetune import evaluate  # light at import: the models load inside the command
+    from mosmos.finetune import evaluate  # light at import: the models load inside the command
 
     p = sub.add_parser("evaluate", help="Dice and HD95 of a trained model on a labelled dataset")
     evaluate.add_arguments(p)
@@ -85,7 +87,7 @@ def _evaluate(sub) -> None:
 
 
 def _predict(sub) -> None:
-    from finetune import predict
+    from mosmos.finetune import predict
 
     p = sub.add_parser("predict", help="label maps for new volumes, in each input's own geometry")
     predict.add_arguments(p)
@@ -99,7 +101,7 @@ def _benchmark(sub) -> None:
     _add_run_arguments(p)
 
     def run(args):
-        from finetune.benchmark import main
+        from mosmos.benchmark.grid import main
 
         return main(["--config", args.config, *args.overrides])
 
@@ -112,9 +114,9 @@ def _demo(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for data and training (default: 0)")
 
     def run(args):
-        from mosmos.demo import run_demo
+        from mosmos.cli.demo import run_demo
 
-        return run_demo(Path(args.out), seed=args.seed, configs=REPO_CONFIGS)
+        return run_demo(Path(args.out), seed=args.seed)
 
     p.set_defaults(func=run)
 
@@ -123,29 +125,13 @@ def _models(sub) -> None:
     p = sub.add_parser("models", help="list the registered image encoders and networks")
 
     def run(args):
-        from models.registry import list_models
+        from mosmos.models.registry import list_models
 
         for name in list_models():
             print(name)
         return 0
 
     p.set_defaults(func=run)
-
-
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
-    if not verbose:  # accelerate logs every file of every checkpoint at INFO
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
-
-
-def run_stage(name: str, fn, argv: list[str] | None = None) -> int:
-    """Run a stage's ``main`` with mosmos' error handling (for ``python -m`` / ``accelerate launch``)."""
-    _setup_logging()
-    try:
-        return int(fn(argv) or 0)
-    except MosmosError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except MosmosError as exc:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from finetune.benchmark_stats import (
+from mosmos.benchmark.stats import (
     MIN_NONZERO_PAIRS,
     format_mean_std_table,
     mean_std_table,
@@ -29,7 +29,7 @@ from mosmos.errors import DataError
 from mosmos.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
-    from finetune.benchmark import BenchmarkConfig, Plan
+    from mosmos.benchmark.grid import BenchmarkConfig, Plan
 
 __all__ = ["CASE_COLUMNS", "RESULT_COLUMNS", "collect", "organ_rows", "write_report"]
 
@@ -62,8 +62,8 @@ DESCRIPTIONS = {
 
 def collect(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-case test rows and ``DONE.json`` records of the plan's finished cells."""
-    from finetune.benchmark import DONE_FILE
-    from finetune.metrics import read_case_csv
+    from mosmos.benchmark.grid import DONE_FILE
+    from mosmos.finetune.metrics import read_case_csv
 
     cases, records = [], []
     for cell in plan.cells:

@@ -4,7 +4,7 @@ Everything here works on plain rows (dicts), the per-case rows of ``OUTPUT/cases
 ``{"strategy", "fraction", "seed", "dataset", "case", "organ", "dice", "hd95"}``.
 
 * A cell's mean Dice is the mean over organs of the organ's mean Dice over test cases (the
-  ``mean_dice`` of :func:`finetune.metrics.summarize`: each organ counts once).
+  ``mean_dice`` of :func:`mosmos.finetune.metrics.summarize`: each organ counts once).
 * The table gives, per strategy and label fraction, the mean and the sample standard deviation
   (``ddof=1``) over seeds of those per-seed means.
 * Paired comparisons use the Wilcoxon signed-rank test (two-sided, ``scipy.stats.wilcoxon`` with its

@@ -39,9 +39,9 @@ from typing import Any
 
 import yaml
 
-from finetune.config import SlidingWindowEval
 from mosmos.config import apply_overrides, dump_config, from_dict, load_config, to_dict
 from mosmos.errors import ConfigError, DataError, MosmosError
+from mosmos.finetune.config import SlidingWindowEval
 from mosmos.io import atomic_path, atomic_write_text, library_versions, write_json
 
 logger = logging.getLogger("mosmos")
@@ -296,9 +296,9 @@ def _check_data(path: str, key: str) -> None:
 
 def make_plan(cfg: BenchmarkConfig) -> Plan:
     """Resolve every pretraining variant and cell config; fails before any work on a bad key or path."""
-    from finetune.config import FinetuneConfig
-    from finetune.pretrained import read_encoder_export
-    from pretrain.config import PretrainConfig
+    from mosmos.finetune.config import FinetuneConfig
+    from mosmos.finetune.pretrained import read_encoder_export
+    from mosmos.pretrain.config import PretrainConfig
 
     out = Path(cfg.output_dir)
     cache = cfg.data.cache_dir or str(out / "cache")
@@ -418,9 +418,9 @@ def export_segmenter_encoder(run_dir: str | Path, out_dir: str | Path | None = N
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from finetune.inference import MODEL_FILE, SPEC_FILE
-    from finetune.pretrained import EXPORT_FORMAT
-    from models.registry import create_image_encoder
+    from mosmos.finetune.inference import MODEL_FILE, SPEC_FILE
+    from mosmos.finetune.pretrained import EXPORT_FORMAT
+    from mosmos.models.registry import create_image_encoder
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
@@ -462,12 +462,12 @@ def export_segmenter_encoder(run_dir: str | Path, out_dir: str | Path | None = N
 def run_variant(variant: Variant) -> None:
     """Train one pretraining variant (resuming a crashed attempt) and export its encoder."""
     if variant.name == "multidataset":
-        from finetune.train import run as run_finetune
+        from mosmos.finetune.train import run as run_finetune
 
         if run_finetune(variant.config):
             export_segmenter_encoder(variant.dir)
     else:
-        from pretrain.train import run as run_pretrain
+        from mosmos.pretrain.train import run as run_pretrain
 
         run_pretrain(variant.config)
 
@@ -490,9 +490,9 @@ def train_and_evaluate(cell: Cell, cfg: BenchmarkConfig) -> dict:
     Raises:
         KeyboardInterrupt: when the training was interrupted (it saved a checkpoint to resume from).
     """
-    from finetune.evaluate import evaluate_run
-    from finetune.train import BEST_FILE
-    from finetune.train import run as run_finetune
+    from mosmos.finetune.evaluate import evaluate_run
+    from mosmos.finetune.train import BEST_FILE
+    from mosmos.finetune.train import run as run_finetune
 
     resumed = (cell.dir / "checkpoints").is_dir()
     t0 = time.time()
@@ -557,7 +557,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> Path:
     """
     from tqdm.auto import tqdm
 
-    from finetune.benchmark_report import write_report
+    from mosmos.benchmark.report import write_report
 
     plan = make_plan(cfg)
     check_stale(plan)

@@ -24,7 +24,7 @@ from mosmos.check import (
 )
 from mosmos.errors import ConfigError
 from mosmos.io import atomic_write_text
-from pretrain.tags_cli import add_table_column_arguments
+from mosmos.pretrain.tags_cli import add_table_column_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,7 +74,7 @@ def _config_targets(path: str) -> list[tuple[str, dict[str, Any]]]:
         raise ConfigError(f"{path}: cannot read the config: {e}") from None
     data = raw.get("data", {}) if isinstance(raw, dict) else {}
     if isinstance(data, dict) and "table" in data:
-        from pretrain.config import PretrainConfig
+        from mosmos.pretrain.config import PretrainConfig
 
         cfg = load_config(PretrainConfig, path)
         d = cfg.data
@@ -90,7 +90,7 @@ def _config_targets(path: str) -> list[tuple[str, dict[str, Any]]]:
             )
         ]
     if isinstance(data, dict) and "datasets" in data:
-        from finetune.config import FinetuneConfig
+        from mosmos.finetune.config import FinetuneConfig
         from mosmos.segdata import seg_dataset_name
 
         cfg = load_config(FinetuneConfig, path)

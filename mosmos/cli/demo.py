@@ -11,21 +11,23 @@ import os
 import time
 from pathlib import Path
 
+from mosmos.resources import configs_dir
+
 _SEG_DATASETS = ("Dataset011_AbdomenA", "Dataset012_KidneyB", "Dataset013_VesselsC")
 _TEST_DATASET = "Dataset099_SynthTest"
 
 
 def run_demo(out: Path, seed: int = 0, configs: Path | None = None) -> int:
-    from finetune.benchmark import BenchmarkConfig, run_benchmark
-    from finetune.config import FinetuneConfig
-    from finetune.evaluate import evaluate_run
-    from finetune.train import run as run_finetune
+    from mosmos.benchmark.grid import BenchmarkConfig, run_benchmark
     from mosmos.config import load_config
+    from mosmos.finetune.config import FinetuneConfig
+    from mosmos.finetune.evaluate import evaluate_run
+    from mosmos.finetune.train import run as run_finetune
+    from mosmos.pretrain.config import PretrainConfig
+    from mosmos.pretrain.train import run as run_pretrain
     from mosmos.synth import synthesize
-    from pretrain.config import PretrainConfig
-    from pretrain.train import run as run_pretrain
 
-    configs = configs or Path(__file__).resolve().parent.parent / "configs"
+    configs = configs or configs_dir()
     out = Path(out)
     data = out / "data"
     t0 = time.time()
