@@ -12,7 +12,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo_out
 STAMP := $(VENV)/.mosmos-installed
 
-.PHONY: demo test install lint format clean
+.PHONY: demo test test-avx2 install lint format clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# ruff, then the import contracts of pyproject.toml (layers and no cycles) on the installed layout
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) tools/lint_imports.py
+
+# the numerics-sensitive tests again with AVX2 kernels forced (ATen and oneDNN), so a developer on an
+# AVX-512 machine sees the roundings a newcomer's AVX2-only CPU gives
+test-avx2: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m "numerics and not slow and not gpu"
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

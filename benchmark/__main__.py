@@ -2,7 +2,7 @@
 
 import sys
 
-from mosmos.benchmark.grid import main
+from mosmos.benchmark.run import main
 from mosmos.entry import run_stage
 
 sys.exit(run_stage("benchmark", main))

@@ -13,10 +13,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from mosmos.benchmark.config import BenchmarkConfig
+from mosmos.benchmark.plan import DONE_FILE, Plan
 from mosmos.benchmark.stats import (
     MIN_NONZERO_PAIRS,
     format_mean_std_table,
@@ -27,9 +29,6 @@ from mosmos.benchmark.stats import (
 )
 from mosmos.errors import DataError
 from mosmos.io import atomic_path, atomic_write_text
-
-if TYPE_CHECKING:
-    from mosmos.benchmark.grid import BenchmarkConfig, Plan
 
 __all__ = ["CASE_COLUMNS", "RESULT_COLUMNS", "collect", "organ_rows", "write_report"]
 
@@ -62,7 +61,6 @@ DESCRIPTIONS = {
 
 def collect(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-case test rows and ``DONE.json`` records of the plan's finished cells."""
-    from mosmos.benchmark.grid import DONE_FILE
     from mosmos.finetune.metrics import read_case_csv
 
     cases, records = [], []

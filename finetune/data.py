@@ -1,7 +1,7 @@
 """Stage 2 data: several partially labelled datasets as one stream of training patches.
 
 Each dataset is one task: it labels its own organs, named its own way (mapped to the vocabulary by
-:func:`mosmos.segdata.read_seg_dataset`). Cases are preprocessed once by the same MONAI chain as
+:func:`mosmos.segdata.dataset.read_seg_dataset`). Cases are preprocessed once by the same MONAI chain as
 stage 1 (``resize_mode="pad"``: the whole body is kept, padded to at least the patch size) and
 cached; patches are cut at train time.
 
@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 
 from mosmos.errors import ConfigError, DataError
 from mosmos.finetune.config import FinetuneConfig
-from mosmos.segdata import SegCase, SegDataset, read_seg_dataset, seg_dataset_name
+from mosmos.segdata.dataset import SegDataset, read_seg_dataset, seg_dataset_name
+from mosmos.segdata.layouts import SegCase
 from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_augment, build_preprocess
 from mosmos.vocabulary import Vocabulary
 
@@ -106,7 +107,8 @@ def _split(cases: list[SegCase], val_fraction: float, fraction: float, seed: int
 
 def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
     """Read every configured dataset, map its labels, split and subset it."""
-    from mosmos.check import dataset_case_files, start_up_checks
+    from mosmos.check.datasets import dataset_case_files
+    from mosmos.check.startup import start_up_checks
 
     datasets: list[SegDataset] = []
     names_seen: dict[str, str] = {}

@@ -41,7 +41,7 @@ def evaluate_run(
     from mosmos.finetune.inference import Predictor, decode_probabilities, load_model
     from mosmos.finetune.metrics import case_metrics, format_dice_table, summarize, write_case_csv
     from mosmos.finetune.train import load_label
-    from mosmos.segdata import read_seg_dataset
+    from mosmos.segdata.dataset import read_seg_dataset
     from mosmos.vocabulary import load_vocabulary
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +64,9 @@ def evaluate_run(
         raise ConfigError(f"{data}: no labelled cases to evaluate")
     # every case is checked before any prediction: a score over a silently shortened test set would
     # mislead, so bad cases stop the evaluation, all of them named
-    from mosmos.check import check_cases, dataset_case_files, raise_for_problems
+    from mosmos.check.cases import check_cases
+    from mosmos.check.datasets import dataset_case_files
+    from mosmos.check.startup import raise_for_problems
 
     raise_for_problems(
         check_cases(dataset_case_files(ds, cases), workers=2),

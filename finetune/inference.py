@@ -93,11 +93,11 @@ class ModelSpec:
 
 def build_from_spec(spec: ModelSpec) -> torch.nn.Module:
     """The network described by ``spec`` (random weights)."""
-    from mosmos.models.attention import TagAttentionHead
     from mosmos.models.registry import create_image_encoder, create_model
+    from mosmos.models.tag_head import TagAttentionHead
 
     encoder = create_image_encoder(spec.encoder, **spec.encoder_kwargs)
-    head = TagAttentionHead(**spec.attention_head) if spec.attention_head else None
+    head = TagAttentionHead.from_config(spec.attention_head) if spec.attention_head else None
     decoder = {**spec.decoder, "num_classes": len(spec.organs), "num_tasks": len(spec.tasks)}
     return create_model("segmenter", spec.name, encoder=encoder, attention_head=head, **decoder)
 

@@ -87,7 +87,8 @@ def predict(
     if len(set(targets)) < len(targets):
         raise ConfigError(f"--input {input_path}: two inputs map to the same case name; rename one")
     # headers of every input first: a wrong file fails before any prediction, all of them named
-    from mosmos.check import inspect_volume, raise_for_problems
+    from mosmos.check.startup import raise_for_problems
+    from mosmos.check.volumes import inspect_volume
 
     header_problems = [p for f in files for p in inspect_volume(str(f), "image", deep=False, case=f.name)[1]]
     raise_for_problems(header_problems, f"--input {input_path}", hint="fix or remove these inputs")

@@ -1,12 +1,9 @@
-"""Stage 2 model building and stage 1 transfer: read an encoder export, build a segmenter around its
-encoder (and, for MOSMOS, its tag attention head), load the weights with a readable report.
+"""Stage 2 model building and stage 1 transfer: build a segmenter around an exported encoder (and,
+for MOSMOS, its tag attention head) and load the weights with a readable report.
 
-A stage 1 export (``pretrain/train.py`` ``export``) is a run directory holding
-
-* ``encoder.safetensors``: ``encoder.<image encoder state_dict key>`` and
-  ``tag_attention.<TagAttentionHead state_dict key>`` tensors;
-* ``encoder.json``: ``{"format": "mosmos-encoder-v1", "architecture", "encoder_kwargs",
-  "feature_channels", "feature_strides", "preprocess", "organs", "tag_attention", "objective"}``.
+The export itself (``encoder.safetensors`` + ``encoder.json``) is read by :mod:`mosmos.export`; what
+is stage 2's here is fitting it into a segmenter whose encoder may differ, and saying which keys
+were loaded, missing or skipped.
 
 Example::
 
@@ -17,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +23,16 @@ import torch
 from torch import nn
 
 from mosmos.errors import ConfigError
+from mosmos.export import PREFIXES, EncoderExport, build_tag_head, export_paths, read_encoder_export
 
-__all__ = [
-    "DEFAULT_ENCODERS",
-    "EXPORT_FORMAT",
-    "LoadReport",
-    "build_segmenter",
-    "load_encoder_weights",
-    "read_encoder_export",
-]
+__all__ = ["DEFAULT_ENCODERS", "LoadReport", "build_segmenter", "load_encoder_weights"]
 
-EXPORT_FORMAT = "mosmos-encoder-v1"
 #: Encoder built for each segmenter when ``init="random"`` and no ``encoder`` is named.
 DEFAULT_ENCODERS = {"unet": "rescnn3d", "mo_ctrans": "rescnn3d", "unetr": "vit3d"}
 #: Encoders whose input size is fixed at construction (``img_size``).
 _SIZED_ENCODERS = ("vit3d", "vit2d")
-_FILE_PREFIXES = {"encoder": "encoder.", "attention_head": "tag_attention."}
+#: The export part each segmenter module loads from.
+_FILE_PREFIXES = {"encoder": PREFIXES["encoder"], "attention_head": PREFIXES["tag_attention"]}
 
 
 @dataclass
@@ -74,65 +64,6 @@ class LoadReport:
                 more = f", ... (+{len(keys) - max_keys} more)" if len(keys) > max_keys else ""
                 lines.append(f"  {label}: {shown}{more}")
         return "\n".join(lines)
-
-
-def _export_paths(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    if path.is_dir():
-        return path / "encoder.json", path / "encoder.safetensors"
-    if path.suffix == ".safetensors":
-        return path.parent / "encoder.json", path
-    if path.suffix == ".json":
-        return path, path.parent / "encoder.safetensors"
-    if not path.exists():
-        raise ConfigError(
-            f"stage 1 export {path} does not exist (expected a run directory or a .safetensors file)"
-        )
-    raise ConfigError(
-        f"stage 1 export {path} is neither a run directory nor a .safetensors file "
-        f"(expected encoder.json + encoder.safetensors)"
-    )
-
-
-def read_encoder_export(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a stage 1 encoder export.
-
-    Args:
-        path: a stage 1 run directory holding ``encoder.json`` and ``encoder.safetensors``, or the
-            ``.safetensors`` file itself (``encoder.json`` beside it).
-
-    Returns:
-        ``(encoder_json, tensors)``: the parsed ``encoder.json`` and every tensor of the file (CPU).
-
-    Raises:
-        ConfigError: naming the path, when a file is missing or unreadable, the format is not
-            ``mosmos-encoder-v1``, or ``architecture`` / ``encoder_kwargs`` is missing.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    json_path, tensor_path = _export_paths(path)
-    for p in (json_path, tensor_path):
-        if not p.is_file():
-            raise ConfigError(
-                f"stage 1 export {path}: missing {p.name} (looked for {p}); a stage 1 run directory "
-                f"holds encoder.json and encoder.safetensors"
-            )
-    try:
-        meta = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read {json_path}: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ConfigError(f"{json_path}: format is {found!r}, expected {EXPORT_FORMAT!r}")
-    for key, kind in (("architecture", str), ("encoder_kwargs", dict)):
-        if not isinstance(meta.get(key), kind):
-            raise ConfigError(f"{json_path}: missing or invalid {key!r} (expected a {kind.__name__})")
-    try:
-        tensors = load_file(str(tensor_path))
-    except (OSError, SafetensorError) as err:
-        raise ConfigError(f"cannot read {tensor_path}: {err}") from err
-    return meta, tensors
 
 
 def load_encoder_weights(
@@ -225,14 +156,13 @@ def build_segmenter(
         ConfigError: unknown names or bad kwargs, an unreadable export, attention maps without a
             stage 1 head, or weights that do not fit (see :func:`load_encoder_weights`).
     """
-    from mosmos.models.attention import TagAttentionHead
     from mosmos.models.registry import create_image_encoder, create_model, list_models
 
     segmenters = list_models("segmenter")
     if name not in segmenters:
         raise ConfigError(f"unknown segmenter {name!r}; valid names: {segmenters}")
     random_init = init is None or str(init) == "random"
-    meta: dict[str, Any] | None = None
+    meta: EncoderExport | None = None
     tensors: dict[str, torch.Tensor] = {}
     if random_init:
         if use_attention_maps:
@@ -244,11 +174,11 @@ def build_segmenter(
         kwargs = dict(encoder_kwargs or {})
     else:
         meta, tensors = read_encoder_export(init)
-        arch = encoder or meta["architecture"]
+        arch = encoder or meta.architecture
         if encoder_kwargs is not None:
             kwargs = dict(encoder_kwargs)
         else:
-            kwargs = dict(meta["encoder_kwargs"]) if arch == meta["architecture"] else {}
+            kwargs = dict(meta.encoder_kwargs) if arch == meta.architecture else {}
     if img_size is not None and arch in _SIZED_ENCODERS:
         kwargs.setdefault("img_size", [img_size] if isinstance(img_size, int) else list(img_size))
     try:
@@ -258,16 +188,12 @@ def build_segmenter(
 
     head = None
     if use_attention_maps:
-        head_cfg = meta.get("tag_attention") if meta else None
-        if not head_cfg:
+        head = build_tag_head(meta, export_paths(init)[0])
+        if head is None:
             raise ConfigError(
                 f"use_attention_maps: the stage 1 export {init} has no tag_attention head "
                 f"(it was pretrained without tags); turn attention maps off"
             )
-        try:
-            head = TagAttentionHead(**head_cfg)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"cannot rebuild the tag attention head of {init}: {err}") from err
 
     try:
         model = create_model(
@@ -283,5 +209,4 @@ def build_segmenter(
         raise ConfigError(f"cannot build segmenter {name!r}: {err}") from err
     if random_init:
         return model, None
-    tensor_path = _export_paths(init)[1]
-    return model, load_encoder_weights(model, tensors, tensor_path, use_attention_maps)
+    return model, load_encoder_weights(model, tensors, export_paths(init)[1], use_attention_maps)

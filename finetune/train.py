@@ -61,7 +61,8 @@ class FinetuneTask:
     """What the engine needs for stage 2: model, patch stream, loss step, validation Dice."""
 
     def __init__(self, cfg: FinetuneConfig, accelerator) -> None:
-        from mosmos.finetune.pretrained import build_segmenter, read_encoder_export
+        from mosmos.export import read_encoder_export
+        from mosmos.finetune.pretrained import build_segmenter
         from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss
 
         self.cfg, self.accelerator = cfg, accelerator
@@ -69,11 +70,11 @@ class FinetuneTask:
         vocab = load_vocabulary(cfg.data.vocabulary)
         encoder_json = None
         if cfg.model.init != "random":
-            encoder_json, _ = read_encoder_export(cfg.model.init)
+            encoder_json = read_encoder_export(cfg.model.init)[0].to_dict()
         with accelerator.main_process_first():  # the others then read the main process's check cache
             self.data = build_seg_data(cfg, vocab)
         if accelerator.is_main_process and cfg.data.on_bad_case == "skip":
-            from mosmos.check import write_problems_csv
+            from mosmos.check.report import write_problems_csv
 
             write_problems_csv(self.output_dir / "skipped.csv", self.data.skipped)
         self.data.preprocess = resolve_preprocess(cfg, encoder_json)

@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mosmos.models.attention import PixelTagAttention, TagAttentionHead
+    from mosmos.models.attention import PixelTagAttention
     from mosmos.models.distributed import all_gather_with_grad
     from mosmos.models.encoders import ImageEncoder, ResCNNEncoder, SwinViTEncoder, resize_mask
     from mosmos.models.encoders.vit import ViTEncoder
@@ -34,11 +34,13 @@ if TYPE_CHECKING:
         organ_probabilities,
     )
     from mosmos.models.segmentation import MOCTransSegmenter, SegmenterBase, UNETRSegmenter, UNetSegmenter
+    from mosmos.models.tag_head import TagAttentionHead, TagHeadConfig
     from mosmos.models.text import TextEncoder, build_small_bert
 
 _EXPORTS = {
     "PixelTagAttention": "mosmos.models.attention",
-    "TagAttentionHead": "mosmos.models.attention",
+    "TagAttentionHead": "mosmos.models.tag_head",
+    "TagHeadConfig": "mosmos.models.tag_head",
     "all_gather_with_grad": "mosmos.models.distributed",
     "ImageEncoder": "mosmos.models.encoders",
     "ResCNNEncoder": "mosmos.models.encoders",
@@ -78,6 +80,7 @@ __all__ = [
     "SegmenterBase",
     "SwinViTEncoder",
     "TagAttentionHead",
+    "TagHeadConfig",
     "TagLoss",
     "TextEncoder",
     "UNETRSegmenter",

@@ -9,13 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mosmos.models.attention import TagAttentionHead
 from mosmos.models.encoders.base import ImageEncoder
+from mosmos.models.tag_head import TagAttentionHead, TagHeadConfig
 from mosmos.models.text import TextEncoder
 
 __all__ = ["MosmosPretrainModel", "ProjectionHead"]
-
-MAX_ATTN_STRIDE = 4
 
 
 class ProjectionHead(nn.Module):
@@ -42,21 +40,13 @@ class MosmosPretrainModel(nn.Module):
         embed_dim: joint image-report embedding size.
         num_tags: organ tags (pixel-tag attention queries); 0 disables the tag branch (contrastive-
             only ablation: no ``tag_logits`` / ``attn_maps`` in the output).
-        tag_dim: pixel-tag attention width (and fused feature channels).
-        attn_level: index of the feature map the attention reads; by default the coarsest level
-            with stride <= 4, so that maps stay at >= 1/4 input resolution.
+        tag_head_config: the tag head's settings (:class:`TagHeadConfig`; default: its tuned
+            defaults); ``queries`` is the caller's business (pass ``query_init`` or not).
         query_init: optional ``[num_tags, text_dim]`` initial tag queries (e.g. organ-name embeddings).
         init_temperature: initial softmax temperature of the contrastive logits.
         max_logit_scale: clamp of the learnable inverse temperature (CLIP uses 100).
-        fuse_levels: fuse the deeper levels into the attention level top-down (FPN), so that the
-            attention sees semantic features at fine resolution.
         num_outputs: logits per tag (e.g. visible, abnormal).
-        attn_heads: pixel-tag attention heads.
-        attn_values: where attention values come from with fused keys: "level0" (the finest encoder
-            level, averaged onto the attention grid), "level0_max" (max-pooled) or "patch" (patch
-            embeddings of the input, no context).
-        attn_position_prior, attn_prior_gain: grid of the learned per-tag location prior of the
-            attention scores (None: none) and its scale (see :class:`PixelTagAttention`).
+        image_embedding_grad: share of the image embedding's gradient that reaches the encoder.
         embedding_from_tags: the image embedding's projection reads the tag logits as well as the
             pooled features.
 
@@ -75,21 +65,11 @@ class MosmosPretrainModel(nn.Module):
         text_encoder: TextEncoder | None,
         embed_dim: int = 128,
         num_tags: int = 0,
-        tag_dim: int = 128,
-        attn_level: int | None = None,
+        tag_head_config: TagHeadConfig | None = None,
         query_init: torch.Tensor | None = None,
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
-        fuse_levels: bool = True,
         num_outputs: int = 2,
-        attn_heads: int = 1,
-        attn_values: str = "level0",
-        attn_min_inside: float = 0.0,
-        attn_margin: int = 0,
-        attn_residual_average: bool = True,
-        attn_init_sharpness: float = 1.0,
-        attn_position_prior: tuple[int, ...] | None = None,
-        attn_prior_gain: float = 10.0,
         image_embedding_grad: float = 1.0,
         embedding_from_tags: bool = False,
     ) -> None:
@@ -98,8 +78,8 @@ class MosmosPretrainModel(nn.Module):
             raise ValueError(f"image_encoder must be an ImageEncoder, got {type(image_encoder).__name__}")
         if text_encoder is not None and not isinstance(text_encoder, TextEncoder):
             raise ValueError(f"text_encoder must be a TextEncoder or None, got {type(text_encoder).__name__}")
-        if embed_dim < 1 or tag_dim < 1:
-            raise ValueError(f"embed_dim={embed_dim} and tag_dim={tag_dim} must be >= 1")
+        if embed_dim < 1:
+            raise ValueError(f"embed_dim={embed_dim} must be >= 1")
         if num_tags < 0:
             raise ValueError(f"num_tags={num_tags} must be >= 0")
         if text_encoder is None and num_tags == 0:
@@ -111,24 +91,10 @@ class MosmosPretrainModel(nn.Module):
                 f"max_logit_scale={max_logit_scale} is below the initial scale 1/init_temperature="
                 f"{1.0 / init_temperature:g}"
             )
-        strides = image_encoder.feature_strides
-        if attn_level is None:
-            fine = [i for i, s in enumerate(strides) if s <= MAX_ATTN_STRIDE]
-            if num_tags and not fine:
-                raise ValueError(
-                    f"no feature level with stride <= {MAX_ATTN_STRIDE} (strides {strides}); set attn_level"
-                )
-            attn_level = fine[-1] if fine else len(strides) - 1
-        elif not -len(strides) <= attn_level < len(strides):
-            raise ValueError(f"attn_level={attn_level} is out of range for {len(strides)} feature levels")
-        attn_level %= len(strides)
-
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.embed_dim = embed_dim
         self.num_tags = num_tags
-        self.attn_level = attn_level
-        self.attn_stride = strides[attn_level]
         self.max_log_scale = math.log(max_logit_scale)
         if not 0.0 <= image_embedding_grad <= 1.0:
             raise ValueError(f"image_embedding_grad={image_embedding_grad} must be in [0, 1]")
@@ -151,26 +117,10 @@ class MosmosPretrainModel(nn.Module):
             self.text_proj = ProjectionHead(text_encoder.output_dim, embed_dim)
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         if num_tags:
-            self.tag_head = TagAttentionHead(
-                image_encoder.feature_channels,
-                num_tags,
-                attn_level=attn_level,
-                dim=tag_dim,
-                num_outputs=num_outputs,
-                fuse_levels=fuse_levels,
-                num_heads=attn_heads,
-                spatial_dims=image_encoder.spatial_dims,
-                query_init=query_init,
-                value_source=attn_values,
-                in_channels=image_encoder.in_channels,
-                attn_stride=strides[attn_level],
-                mask_min_inside=attn_min_inside,
-                mask_margin=attn_margin,
-                residual_average=attn_residual_average,
-                init_sharpness=attn_init_sharpness,
-                position_prior=attn_position_prior,
-                prior_gain=attn_prior_gain,
+            self.tag_head = TagAttentionHead.for_encoder(
+                image_encoder, num_tags, tag_head_config, num_outputs=num_outputs, query_init=query_init
             )
+            self.attn_stride = image_encoder.feature_strides[self.tag_head.level]
 
     def _embedding_input(self, pooled: torch.Tensor, tag_logits: torch.Tensor | None) -> torch.Tensor:
         """What the image projection reads: the pooled features, plus the tag logits with
@@ -190,7 +140,7 @@ class MosmosPretrainModel(nn.Module):
         return self.tag_head
 
     def tag_attention_config(self) -> dict[str, Any]:
-        """Constructor kwargs of the tag head (``TagAttentionHead(**config)``), for export."""
+        """The tag head's record (``TagAttentionHead.from_config(record)`` rebuilds it), for export."""
         return self._require_tags().head_config()
 
     def tag_attention_state_dict(self) -> dict[str, torch.Tensor]:
@@ -200,7 +150,7 @@ class MosmosPretrainModel(nn.Module):
     def encode_image(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised image embedding ``[B, E]`` (joint space; pooled features without text)."""
         enc = self.image_encoder(image, mask)
-        logits = self.tag_head(enc["features"], mask, image)[0] if self.embedding_from_tags else None
+        logits = self.tag_head(enc["features"], mask)[0] if self.embedding_from_tags else None
         return self._image_embedding(self._embedding_input(enc["pooled"], logits))
 
     def encode_text(
@@ -239,7 +189,7 @@ class MosmosPretrainModel(nn.Module):
         enc = self.image_encoder(image, mask)
         out: dict[str, Any] = {"pooled": enc["pooled"]}
         if self.num_tags:
-            out["tag_logits"], out["attn_maps"] = self.tag_head(enc["features"], mask, image)
+            out["tag_logits"], out["attn_maps"] = self.tag_head(enc["features"], mask)
             out["attn_stride"] = self.attn_stride
         pooled = self._embedding_input(enc["pooled"], out.get("tag_logits"))
         if self.image_embedding_grad < 1.0:
@@ -264,7 +214,7 @@ class MosmosPretrainModel(nn.Module):
         outside the (resized) mask are set to 0.
         """
         head = self._require_tags()
-        _, attn = head(self.image_encoder.forward_features(image), mask, image)
+        _, attn = head(self.image_encoder.forward_features(image), mask)
         size = tuple(output_size) if output_size is not None else tuple(image.shape[2:])
         mode = {2: "bilinear", 3: "trilinear"}[attn.ndim - 2]
         maps = F.interpolate(attn, size=size, mode=mode, align_corners=False)

@@ -1,12 +1,13 @@
-"""Channels-last memory layout for the convolutions of a model: a speed setting, not a numeric one.
+"""Channels-last memory format for the convolution weights of a model (``train.channels_last``): a
+speed setting, not a numeric one.
 
 oneDNN (CPU) runs 3D convolutions faster on NDHWC tensors than on the default NCDHW: on 2 CPU
 cores the stage 1 demo model's forward and backward took 0.35 s instead of 0.48 s (0.45 s instead
 of 0.66 s per step with data loading and augmentation), while the stage 2 U-Net at batch 2 gained
-nothing. ``benchmarks/bench_train_step.py`` measures it on your machine and device. A convolution whose weight is
-channels-last returns a channels-last output, but norm layers and one-channel convolutions may hand
-on the default layout, so each converted convolution also converts its input (a no-op when it is
-already channels-last).
+nothing. ``benchmarks/bench_train_step.py`` measures it on your machine and device. A convolution
+whose weight is channels-last returns a channels-last output, but norm layers and one-channel
+convolutions may hand on the default format, so each converted convolution also converts its input
+(a no-op when it is already channels-last).
 
 ``torch.nn.Module.to(memory_format=...)`` converts the weights but leaves their ``state_dict``
 non-contiguous, which safetensors (our weight format, and accelerate's) refuses to write. The hook

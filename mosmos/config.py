@@ -107,10 +107,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _check_retired(cls: type, keys: Any, prefix: str) -> None:
+    """Raise for the first key that ``cls`` lists in its ``RETIRED_KEYS`` class variable (old key ->
+    what became of it), so that a config of an earlier version fails with the reason."""
+    retired = getattr(cls, "RETIRED_KEYS", {})
+    for key in keys:
+        if key in retired:
+            raise ConfigError(f"{prefix}{key}: {retired[key]}")
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) mapping, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_retired(cls, data, prefix)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or "top level"
@@ -165,6 +175,7 @@ def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -
             if node_cls is not None and dataclasses.is_dataclass(node_cls):
                 names = {f.name for f in dataclasses.fields(node_cls)}
                 if part not in names:
+                    _check_retired(node_cls, [part], ".".join(path[:i]) + "." if i else "")
                     where = ".".join(path[:i]) or "top level"
                     raise ConfigError(
                         f"unknown key {'.'.join(path)!r} at {where}; valid keys: {sorted(names)}"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from mosmos.engine import TrainConfig
 from mosmos.errors import ConfigError
+from mosmos.models.tag_head import TagHeadConfig
 from mosmos.transforms import resolve_augment
 
 
@@ -65,30 +66,38 @@ class PretrainModel:
     freeze_text: bool = False  # freeze the text encoder and cache report embeddings
     trust_remote_code: bool = False  # allow custom code from a HF model repository
     embed_dim: int = 128  # shared image-report embedding size
-    tag_dim: int = 128  # pixel-tag attention width
-    tag_queries: Literal["text", "learned"] = "text"  # initialise tag queries from organ-name embeddings
-    attention_level: int | None = None  # encoder level the pixel-tag attention reads (default: stride <= 4)
-    # fuse deeper levels into the attention keys (context to find organs); values stay local
-    attention_fuse_levels: bool = True
-    # what the attention reads where it looks: the finest encoder level averaged ("level0") or
-    # max-pooled ("level0_max": a finding smaller than a map cell keeps its strength) onto the map,
-    # or patch embeddings of the input ("patch")
-    attention_values: Literal["level0", "level0_max", "patch"] = "level0"
-    # share of a map cell that must lie inside the body for the attention to look there (0: any voxel;
-    # 1: the whole cell, which keeps the body's outline, a position shortcut, out of reach)
-    attention_min_inside: float = 0.0
-    attention_margin: int = 0  # map cells this close to the scan's edge are out of the attention's reach
-    attention_residual_average: bool = True  # add the body-average value to the attended one (CSRA)
-    attention_init_sharpness: float = (
-        1.0  # initial multiplier of the attention scores (learned per tag when != 1)
-    )
+    tag_head: TagHeadConfig = field(default_factory=TagHeadConfig)  # the pixel-tag attention head
     # the image embedding also reads the tag head's logits (organ-by-organ status), not only pooled features
     embedding_from_tags: bool = False
-    # learned per-tag location prior on a coarse grid (e.g. [8, 8, 4]) added to the attention scores
-    attention_position_prior: list[int] | None = None
-    attention_prior_gain: float = 10.0  # scale of the prior (and of its learning rate)
     init_temperature: float = 0.07  # CLIP temperature at start (learnable)
     max_logit_scale: float = 100.0  # clamp of 1/temperature
+
+    #: Keys of earlier versions, with what became of them: the loader names them instead of only
+    #: listing the valid keys, so that an old config fails with the reason.
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "tag_dim": "moved to model.tag_head.dim",
+        "tag_queries": "moved to model.tag_head.queries",
+        "attention_level": "moved to model.tag_head.level",
+        "attention_position_prior": "moved to model.tag_head.position_prior (default now [8, 8, 4])",
+        "attention_min_inside": "moved to model.tag_head.min_inside (default now 1.0)",
+        "attention_margin": "moved to model.tag_head.margin (default now 1)",
+        "attention_values": "removed (no measured gain): values are always the finest encoder level "
+        "averaged onto the attention grid (the former 'level0')",
+        "attention_fuse_levels": "removed (no measured gain): the deeper levels are always fused "
+        "into the attention's keys (the former true)",
+        "attention_residual_average": "removed (no measured gain): there is no body-average (CSRA) "
+        "path, the attended values alone give the tag logits (the former false)",
+        "attention_init_sharpness": "removed (no measured gain): the attention starts flat, with "
+        "no learned sharpness (the former 1.0)",
+        "attention_prior_gain": "removed (no measured gain): the location prior's gain is fixed at "
+        "10 (the former default)",
+    }
+
+    def validate(self) -> None:
+        try:
+            self.tag_head.check()
+        except ValueError as err:
+            raise ConfigError(f"model.tag_head.{err}") from None
 
 
 @dataclass

@@ -45,6 +45,24 @@ def split_cases(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A random permutation of ``range(n)`` that moves every index, the same for the same seed.
+
+    Drawn uniformly among all derangements by rejection (numpy has no derangement sampler): a
+    uniform permutation has no fixed point with probability about 1/e, so about 2.7 draws on average.
+
+    Raises:
+        ValueError: for ``n < 2`` (one item cannot be moved).
+    """
+    if n < 2:
+        raise ValueError(f"a derangement needs n >= 2 items, got n={n}")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return perm
+
+
 def _innermost(e: BaseException) -> BaseException:
     """The root cause of an exception chain (MONAI wraps errors raised inside transforms)."""
     seen = set()
@@ -260,7 +278,8 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
     """Read the report table, parse tags, split by seed and build the cached datasets of a
     :class:`mosmos.pretrain.config.PretrainConfig`. With ``data.shuffle_reports`` every scan is paired with
     another scan's report (and its tags): the shuffled-report control of the benchmark."""
-    from mosmos.check import CaseFiles, start_up_checks
+    from mosmos.check.cases import CaseFiles
+    from mosmos.check.startup import start_up_checks
     from mosmos.pretrain.tags import tag_matrix
     from mosmos.table import read_report_table
 
@@ -288,7 +307,9 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
     if len(records) < 2:
         raise DataError(f"data.table={d.table}: {len(records)} usable case(s) left; at least 2 are needed")
     if d.shuffle_reports:
-        perm = np.random.default_rng(cfg.seed + 1).permutation(len(records))
+        # A derangement, not a plain shuffle: a permutation keeps about one scan with its own report,
+        # which would leak true pairs into the control.
+        perm = derangement(len(records), cfg.seed + 1)
         reports = [records[j]["report"] for j in perm]
         for r, text in zip(records, reports, strict=True):
             r["report"] = text

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mosmos.config import check_divisible, load_config
-from mosmos.io import write_json
+from mosmos.engine import TrainConfig
+from mosmos.export import Preprocessing, write_encoder_export
 from mosmos.pretrain.config import PretrainConfig
 from mosmos.vocabulary import Vocabulary, load_vocabulary
 
@@ -60,7 +63,7 @@ class PretrainTask:
         with accelerator.main_process_first():  # the others then read the main process's check cache
             data = build_datasets(cfg, self.vocab)
         if accelerator.is_main_process and cfg.data.on_bad_case == "skip":
-            from mosmos.check import write_problems_csv
+            from mosmos.check.report import write_problems_csv
 
             write_problems_csv(self.output_dir / "skipped.csv", data.skipped)
         self.train_dataset, self.val_dataset = data.train, data.val
@@ -81,7 +84,7 @@ class PretrainTask:
             tokenizer.save_pretrained(str(tokenizer_dir))
         self.tokenizer = tokenizer
         query_init = _organ_name_embeddings(tokenizer, text_encoder, self.vocab)
-        if cfg.model.tag_queries != "text":
+        if cfg.model.tag_head.queries != "text":
             query_init = None
         if cfg.train.contrastive_weight == 0:
             text_encoder = None  # tags-only ablation: no report embedding is trained
@@ -93,16 +96,7 @@ class PretrainTask:
             text_encoder,
             embed_dim=cfg.model.embed_dim,
             num_tags=len(self.vocab) if cfg.train.tag_weight > 0 else 0,  # no tag branch: contrastive only
-            tag_dim=cfg.model.tag_dim,
-            attn_level=cfg.model.attention_level,
-            fuse_levels=cfg.model.attention_fuse_levels,
-            attn_values=cfg.model.attention_values,
-            attn_min_inside=cfg.model.attention_min_inside,
-            attn_margin=cfg.model.attention_margin,
-            attn_residual_average=cfg.model.attention_residual_average,
-            attn_init_sharpness=cfg.model.attention_init_sharpness,
-            attn_position_prior=cfg.model.attention_position_prior,
-            attn_prior_gain=cfg.model.attention_prior_gain,
+            tag_head_config=cfg.model.tag_head,
             image_embedding_grad=cfg.train.image_embedding_grad,
             embedding_from_tags=cfg.model.embedding_from_tags
             and text_encoder is not None
@@ -182,53 +176,49 @@ class PretrainTask:
         )
 
 
-def export(task: PretrainTask, objective, output_dir: Path) -> None:
-    """``encoder.safetensors`` + ``encoder.json`` (what stage 2 loads), text side, attention overlays."""
-    from safetensors.torch import save_file
+def stage1_objective(cfg: PretrainConfig) -> dict[str, Any]:
+    """The objective the export records: every loss weight and gradient setting of ``train`` (the
+    fields stage 1 adds to the engine's), and the model and data settings that change what is learned."""
+    engine = {f.name for f in dataclasses.fields(TrainConfig)}
+    record = {
+        f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name not in engine
+    }
+    record["freeze_text"] = cfg.model.freeze_text
+    record["embedding_from_tags"] = cfg.model.embedding_from_tags
+    record["shuffle_reports"] = cfg.data.shuffle_reports
+    return record
 
-    from mosmos.io import atomic_path
+
+def export(task: PretrainTask, objective, output_dir: Path) -> None:
+    """The encoder export (what stage 2 loads), the text tower, attention overlays."""
     from mosmos.pretrain.metrics import save_attention_overlays
 
     cfg, model = task.cfg, objective.model
-    tensors = {
-        f"encoder.{k}": v.detach().cpu().contiguous() for k, v in model.image_encoder.state_dict().items()
-    }
-    has_tags = model.num_tags > 0
-    if has_tags:
-        tensors.update(
-            {
-                f"tag_attention.{k}": v.detach().cpu().contiguous()
-                for k, v in model.tag_attention_state_dict().items()
-            }
-        )
-    with atomic_path(output_dir / "encoder.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "mosmos-encoder-v1"})
-    write_json(
-        output_dir / "encoder.json",
-        {
-            "format": "mosmos-encoder-v1",
-            "architecture": cfg.model.image_encoder,
-            "encoder_kwargs": model.image_encoder.encoder_config(),
-            "feature_channels": list(model.image_encoder.feature_channels),
-            "feature_strides": list(model.image_encoder.feature_strides),
-            "preprocess": {
-                "spacing": list(cfg.data.spacing),
-                "size": list(cfg.data.size),
-                "hu_window": list(cfg.data.hu_window),
-                "body_threshold_hu": cfg.data.body_threshold_hu,
-                "orientation": "RAS",
-            },
-            "organs": task.vocab.names,
-            "tag_attention": model.tag_attention_config() if has_tags else None,
-            "objective": {
-                "contrastive_weight": cfg.train.contrastive_weight,
-                "tag_weight": cfg.train.tag_weight,
-                "embedding_tag_weight": cfg.train.embedding_tag_weight,
-                "shuffle_reports": cfg.data.shuffle_reports,
-            },
-        },
+    has_text, has_tags = model.text_encoder is not None, model.num_tags > 0
+    text = temperature = None
+    if has_text:
+        # the temperature as the loss used it: 1 / the clamped logit scale
+        temperature = float(torch.exp(-model.logit_scale.detach().clamp(max=model.max_log_scale)))
+        text = {
+            "name": cfg.model.text_encoder,
+            "pooling": cfg.model.text_pooling,
+            "kwargs": cfg.model.text_kwargs,
+            "max_length": cfg.data.max_length,
+            "dir": "text",  # model and tokenizer, relative to the export
+        }
+    write_encoder_export(
+        output_dir,
+        cfg.model.image_encoder,
+        model.image_encoder,
+        Preprocessing(cfg.data.spacing, cfg.data.size, cfg.data.hu_window, cfg.data.body_threshold_hu),
+        tag_head=model.tag_head if has_tags else None,
+        organs=task.vocab.names if has_tags else [],
+        projections={"image": model.image_proj, "text": model.text_proj} if has_text else None,
+        temperature=temperature,
+        text=text,
+        objective=stage1_objective(cfg),
     )
-    if model.text_encoder is not None:
+    if has_text:
         model.text_encoder.model.save_pretrained(str(output_dir / "text"), safe_serialization=True)
     outputs = getattr(task, "last_outputs", None)
     if outputs is not None and outputs["attn_maps"] is not None and cfg.eval.attention_overlays > 0:

@@ -36,7 +36,7 @@ def tiny_pretrain_overrides(data: Path, run: Path, **extra) -> list[str]:
         "model.text_kwargs": "{hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}",
         "model.tokenizer_vocab_size": "200",
         "model.embed_dim": "16",
-        "model.tag_dim": "16",
+        "model.tag_head.dim": "16",
         "train.epochs": "3",
         "train.batch_size": "4",
         "train.warmup_steps": "2",
@@ -51,3 +51,30 @@ def tiny_pretrain_overrides(data: Path, run: Path, **extra) -> list[str]:
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# Test files whose assertions compare floating-point results. `make test-avx2` (run by CI) runs them
+# again with ATen's and oneDNN's kernels capped at AVX2, whose roundings differ from AVX-512's.
+NUMERICS_FILES = {
+    "test_channels_last.py",
+    "test_distributed_loss.py",
+    "test_engine.py",
+    "test_export.py",
+    "test_finetune_metrics.py",
+    "test_learning.py",
+    "test_losses.py",
+    "test_models_encoders.py",
+    "test_models_pretrain.py",
+    "test_models_segmentation.py",
+    "test_pretrain_metrics.py",
+    "test_pretrain_objective.py",
+    "test_seg_losses.py",
+    "test_transforms.py",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        name = item.path.name
+        if name in NUMERICS_FILES or name.startswith("test_models_pretrain"):
+            item.add_marker(pytest.mark.numerics)

@@ -71,7 +71,7 @@ _REQUIRED = {
 def test_every_shipped_config_loads(stage):
     from pathlib import Path
 
-    from mosmos.benchmark.grid import BenchmarkConfig
+    from mosmos.benchmark.config import BenchmarkConfig
     from mosmos.finetune.config import FinetuneConfig
 
     schema = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "benchmark": BenchmarkConfig}[stage]
@@ -83,3 +83,35 @@ def test_every_shipped_config_loads(stage):
         if path.name == "default.yaml":  # the demo configs name the generated data themselves
             with pytest.raises(ConfigError, match="is required"):
                 load_config(schema, path)
+
+
+@pytest.mark.parametrize(
+    "key, reason",
+    [
+        ("model.attention_values=patch", "removed.*finest encoder level"),
+        ("model.attention_residual_average=true", "removed.*CSRA"),
+        ("model.attention_init_sharpness=4", "removed.*starts flat"),
+        ("model.attention_prior_gain=30", "removed.*fixed at 10"),
+        ("model.attention_fuse_levels=false", "removed.*always fused"),
+        ("model.tag_dim=64", "moved to model.tag_head.dim"),
+        ("model.attention_position_prior=[8,8,4]", r"moved to model.tag_head.position_prior \(default now"),
+    ],
+)
+def test_retired_keys_say_what_became_of_them(tmp_path, key, reason):
+    """A stage 1 key of an earlier version fails with its fate, as an override and in a YAML file."""
+    with pytest.raises(ConfigError, match=f"{key.split('=')[0]}: {reason}"):
+        load_config(PretrainConfig, None, ["data.table=r.csv", key])
+    name, value = key.removeprefix("model.").split("=")
+    with pytest.raises(ConfigError, match=f"model.{name}: {reason}"):
+        load_config(PretrainConfig, _write(tmp_path, f"data: {{table: r.csv}}\nmodel: {{{name}: {value}}}\n"))
+
+
+def test_tag_head_settings_are_one_section(tmp_path):
+    """model.tag_head is one nested section: overrides reach its fields, the dump round-trips, and a
+    bad setting is named with its full key."""
+    overrides = ["data.table=r.csv", "model.tag_head.dim=16", "model.tag_head.margin=0"]
+    cfg = load_config(PretrainConfig, None, overrides)
+    assert (cfg.model.tag_head.dim, cfg.model.tag_head.margin, cfg.model.tag_head.min_inside) == (16, 0, 1.0)
+    assert load_config(PretrainConfig, _write(tmp_path, dump_config(cfg))) == cfg
+    with pytest.raises(ConfigError, match=r"model.tag_head.min_inside=1.5 must be in \[0, 1\]"):
+        load_config(PretrainConfig, None, ["data.table=r.csv", "model.tag_head.min_inside=1.5"])

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mosmos.engine import Engine, TrainConfig, list_checkpoints
+from mosmos.engine import Engine, TrainConfig
+from mosmos.engine.checkpoints import list_checkpoints
 from tests.conftest import REPO
 from tests.test_engine import ToyTask
 
-PACKAGES = ("mosmos", "pretrain", "finetune", "models", "benchmarks")
+PACKAGES = ("mosmos", "pretrain", "finetune", "models", "benchmark", "benchmarks")
 
 
 def _calls(tree: ast.AST, dotted: str):
@@ -87,11 +88,21 @@ def test_a_tampered_checkpoint_runs_no_code_and_falls_back(tmp_path, caplog):
     )
 
 
-def test_hugging_face_code_is_trusted_only_when_the_config_says_so(tmp_path, monkeypatch):
+class _Loaded(Exception):
+    """Raised by the spy once the text encoder is requested: the test needs nothing after that."""
+
+
+@pytest.mark.parametrize(("override", "trusted"), [([], False), (["model.trust_remote_code=true"], True)])
+def test_hugging_face_code_is_trusted_only_when_the_config_says_so(
+    override, trusted, tiny_synth, tmp_path, monkeypatch
+):
+    """``mosmos pretrain`` with a local Hugging Face text encoder: the tokenizer and the model are
+    loaded with trust_remote_code exactly as the config says (off unless set)."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-    from mosmos.pretrain.config import PretrainConfig
-    from mosmos.pretrain.text import build_text_side, train_wordpiece_tokenizer
+    from mosmos.cli import main as cli
+    from mosmos.pretrain.text import train_wordpiece_tokenizer
+    from tests.conftest import tiny_pretrain_overrides
 
     hf_dir = tmp_path / "bert"
     BertModel(
@@ -100,21 +111,21 @@ def test_hugging_face_code_is_trusted_only_when_the_config_says_so(tmp_path, mon
         )
     ).save_pretrained(hf_dir)
     train_wordpiece_tokenizer(["the liver is normal"] * 4, 64).save_pretrained(str(hf_dir))
-    seen = []
+    seen = {}
     for cls in (AutoModel, AutoTokenizer):
         original = cls.from_pretrained.__func__
 
-        def spy(klass, *args, _original=original, **kwargs):
-            seen.append(kwargs.get("trust_remote_code"))
+        def spy(klass, *args, _original=original, _name=cls.__name__, **kwargs):
+            seen[_name] = kwargs.get("trust_remote_code")
+            if _name == "AutoModel":
+                raise _Loaded
             return _original(klass, *args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
-    default = PretrainConfig().model.trust_remote_code
-    assert default is False
-    build_text_side(str(hf_dir), [], trust_remote_code=default)
-    assert seen == [False, False]
-    build_text_side(str(hf_dir), [], trust_remote_code=True)
-    assert seen[2:] == [True, True]
+    overrides = tiny_pretrain_overrides(tiny_synth, tmp_path / "run", **{"model.text_encoder": hf_dir})
+    with pytest.raises(_Loaded):
+        cli(["pretrain", "--config", "pretrain/demo", *overrides, *override])
+    assert seen == {"AutoTokenizer": trusted, "AutoModel": trusted}
 
 
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):

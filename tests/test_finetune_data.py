@@ -10,7 +10,7 @@ from mosmos.config import load_config
 from mosmos.errors import ConfigError
 from mosmos.finetune.config import FinetuneConfig
 from mosmos.finetune.data import _split, build_seg_data, build_train_dataset, case_weights, resolve_preprocess
-from mosmos.segdata import SegCase
+from mosmos.segdata.layouts import SegCase
 from mosmos.vocabulary import load_vocabulary
 from tests.conftest import REPO
 

@@ -1,18 +1,17 @@
-"""Stage 1 -> stage 2 transfer: reading an encoder export, building segmenters around it, the load
-report, shape mismatches and the MOSMOS attention head."""
+"""Stage 1 -> stage 2 transfer: building segmenters around an encoder export, the load report, shape
+mismatches and the MOSMOS attention head (reading the export itself: tests/test_export.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from mosmos.errors import ConfigError
-from mosmos.finetune.pretrained import LoadReport, build_segmenter, read_encoder_export
-from mosmos.models import ResCNNEncoder, TagAttentionHead, ViTEncoder, create_image_encoder
+from mosmos.export import Preprocessing, write_encoder_export
+from mosmos.finetune.pretrained import LoadReport, build_segmenter
+from mosmos.models import ResCNNEncoder, TagAttentionHead, TagHeadConfig, ViTEncoder, create_image_encoder
 
 torch.set_num_threads(2)
 
@@ -21,7 +20,7 @@ DECODER = {"unet": None, "mo_ctrans": None, "unetr": {"feature_size": 8}}
 
 
 def write_export(run: Path, with_head: bool = True, seed: int = 123) -> dict[str, torch.Tensor]:
-    """A tiny stage 1 export (the key scheme and json of pretrain/train.py ``export``)."""
+    """A tiny stage 1 export; returns the tensors it must hold, named as the export names them."""
     torch.manual_seed(seed)
     encoder = create_image_encoder("rescnn3d", **ENCODER_KWARGS)
     # non-trivial BatchNorm statistics, so that buffers are checked too
@@ -29,30 +28,19 @@ def write_export(run: Path, with_head: bool = True, seed: int = 123) -> dict[str
         if isinstance(m, torch.nn.BatchNorm3d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
-    head = TagAttentionHead(encoder.feature_channels, num_tags=3, attn_level=1, dim=8, spatial_dims=3)
-    tensors = {f"encoder.{k}": v.clone().contiguous() for k, v in encoder.state_dict().items()}
+    head = TagAttentionHead(encoder.feature_channels, 3, TagHeadConfig(dim=8, level=1), spatial_dims=3)
+    tensors = {f"encoder.{k}": v.clone() for k, v in encoder.state_dict().items()}
     if with_head:
-        tensors.update({f"tag_attention.{k}": v.clone().contiguous() for k, v in head.state_dict().items()})
-    run.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(run / "encoder.safetensors"), metadata={"format": "mosmos-encoder-v1"})
-    meta = {
-        "format": "mosmos-encoder-v1",
-        "architecture": "rescnn3d",
-        "encoder_kwargs": encoder.encoder_config(),
-        "feature_channels": encoder.feature_channels,
-        "feature_strides": encoder.feature_strides,
-        "preprocess": {
-            "spacing": [10.0, 10.0, 14.0],
-            "size": [32, 32, 16],
-            "hu_window": [-200.0, 300.0],
-            "body_threshold_hu": -500.0,
-            "orientation": "RAS",
-        },
-        "organs": ["liver", "spleen", "kidney"],
-        "tag_attention": head.head_config() if with_head else None,
-        "objective": {"contrastive_weight": 1.0, "tag_weight": 1.0},
-    }
-    (run / "encoder.json").write_text(json.dumps(meta))
+        tensors.update({f"tag_attention.{k}": v.clone() for k, v in head.state_dict().items()})
+    write_encoder_export(
+        run,
+        "rescnn3d",
+        encoder,
+        Preprocessing([10.0, 10.0, 14.0], [32, 32, 16], [-200.0, 300.0], -500.0),
+        tag_head=head if with_head else None,
+        organs=["liver", "spleen", "kidney"] if with_head else [],
+        objective={"contrastive_weight": 1.0, "tag_weight": 1.0},
+    )
     return tensors
 
 
@@ -60,35 +48,6 @@ def write_export(run: Path, with_head: bool = True, seed: int = 123) -> dict[str
 def export(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     run = tmp_path_factory.mktemp("stage1")
     return run, write_export(run)
-
-
-def test_read_encoder_export_from_dir_and_file(export):
-    run, tensors = export
-    for path in (run, run / "encoder.safetensors"):
-        meta, read = read_encoder_export(path)
-        assert meta["architecture"] == "rescnn3d" and meta["organs"] == ["liver", "spleen", "kidney"]
-        assert set(read) == set(tensors)
-        assert all(torch.equal(read[k], tensors[k]) for k in tensors)
-
-
-def test_read_encoder_export_errors(tmp_path, export):
-    with pytest.raises(ConfigError, match="does not exist"):
-        read_encoder_export(tmp_path / "nowhere")
-    (tmp_path / "only_weights").mkdir()
-    (tmp_path / "only_weights" / "encoder.safetensors").write_bytes(
-        (export[0] / "encoder.safetensors").read_bytes()
-    )
-    with pytest.raises(ConfigError, match=r"missing encoder\.json"):
-        read_encoder_export(tmp_path / "only_weights")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match=r"missing encoder\.json"):
-        read_encoder_export(tmp_path / "empty")
-    bad = tmp_path / "bad_format"
-    write_export(bad)
-    meta = json.loads((bad / "encoder.json").read_text())
-    (bad / "encoder.json").write_text(json.dumps({**meta, "format": "something-else"}))
-    with pytest.raises(ConfigError, match="mosmos-encoder-v1"):
-        read_encoder_export(bad)
 
 
 @pytest.mark.parametrize("name", ["unet", "mo_ctrans", "unetr"])

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mosmos.engine import list_checkpoints
+from mosmos.engine.checkpoints import list_checkpoints
 from tests.conftest import REPO, tiny_pretrain_overrides
 from tests.test_finetune_e2e import tiny_finetune_overrides
 
@@ -61,7 +61,7 @@ ZYGOTE = r"""
 import importlib, json, os, runpy, signal, sys, traceback
 
 for name in ("torch", "monai", "transformers", "accelerate", "safetensors.torch", "tqdm.auto",
-             "torch.utils.tensorboard", "mosmos.cli", "mosmos.engine", "mosmos.pretrain.train",
+             "torch.utils.tensorboard", "mosmos.cli", "mosmos.engine.checkpoints", "mosmos.pretrain.train",
              "mosmos.pretrain.objective", "mosmos.pretrain.metrics", "mosmos.finetune.train", "mosmos.finetune.metrics"):
     try:
         importlib.import_module(name)
@@ -72,7 +72,7 @@ for name in ("torch", "monai", "transformers", "accelerate", "safetensors.torch"
 def die_in_save(n, where):
     import accelerate
     import accelerate.checkpointing
-    import mosmos.engine
+    import mosmos.engine.checkpoints
 
     saves = []
 
@@ -98,13 +98,13 @@ def die_in_save(n, where):
 
         accelerate.checkpointing.save = save
     else:
-        real_fsync = mosmos.engine._fsync_tree
+        real_fsync = mosmos.engine.checkpoints._fsync_tree
 
         def fsync_tree(path):
             die_here()
             real_fsync(path)
 
-        mosmos.engine._fsync_tree = fsync_tree
+        mosmos.engine.checkpoints._fsync_tree = fsync_tree
 
 
 def child(req):

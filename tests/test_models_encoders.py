@@ -71,12 +71,26 @@ def test_registry_sweep_forward_backward(name):
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_encoder_config_rebuilds_same_architecture(name):
-    kwargs, _ = TINY[name]
-    encoder = create_image_encoder(name, **kwargs)
-    rebuilt = create_image_encoder(name, **encoder.encoder_config())
+    kwargs, shape = TINY[name]
+    torch.manual_seed(0)
+    encoder = create_image_encoder(name, **kwargs).eval()
+    torch.manual_seed(1)  # different initial weights: equal outputs below come from the loaded state
+    rebuilt = create_image_encoder(name, **encoder.encoder_config()).eval()
     assert rebuilt.encoder_config() == encoder.encoder_config()
-    assert rebuilt.load_state_dict(encoder.state_dict()) is not None
     assert rebuilt.feature_strides == encoder.feature_strides
+    x = torch.randn(shape)
+    with torch.no_grad():
+        before = rebuilt(x)["pooled"]
+        want = encoder(x)
+    assert not torch.allclose(before, want["pooled"])
+    result = rebuilt.load_state_dict(encoder.state_dict(), strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    with torch.no_grad():
+        got = rebuilt(x)
+    # same weights, same input, same kernels: the outputs agree to the last bit
+    torch.testing.assert_close(got["pooled"], want["pooled"], rtol=0, atol=0)
+    for g, w in zip(got["features"], want["features"], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def test_unknown_name_lists_valid_names():

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosmos.models import TagAttentionHead, ViTEncoder, create_image_encoder, create_model, list_models
+from mosmos.models import (
+    TagAttentionHead,
+    TagHeadConfig,
+    ViTEncoder,
+    create_image_encoder,
+    create_model,
+    list_models,
+)
 from mosmos.models.segmentation import MOCTransSegmenter, SegmenterBase, TaskTokenTransformer
 from mosmos.models.segmentation.mo_ctrans import sinusoidal_position
 from mosmos.models.segmentation.unetr import unetr_stage_strides
@@ -24,15 +31,10 @@ def tiny_encoder(sd: int = 3, strides=(2, 2, 2, 2)):
     )
 
 
-def tiny_head(encoder, num_tags: int = 3, **kwargs):
-    return TagAttentionHead(
-        encoder.feature_channels,
-        num_tags=num_tags,
-        attn_level=1,
-        dim=8,
-        spatial_dims=encoder.spatial_dims,
-        **kwargs,
-    )
+def tiny_head(encoder, num_tags: int = 3, **settings):
+    """A tag head at level 1 (stride 4) with the tuned settings, without a location prior unless asked."""
+    config = TagHeadConfig(**{"dim": 8, "level": 1, "position_prior": None, **settings})
+    return TagAttentionHead(encoder.feature_channels, num_tags, config, spatial_dims=encoder.spatial_dims)
 
 
 def build(name, sd=3, num_tasks=2, head=False, strides=(2, 2, 2, 2), **kwargs):
@@ -214,14 +216,6 @@ def test_attention_maps_are_used(name, monkeypatch):
     assert with_head > sum(p.numel() for p in plain.parameters())  # extra input channels for the maps
 
 
-def test_patch_value_head_gets_the_image():
-    torch.manual_seed(0)
-    encoder = tiny_encoder(3)
-    head = tiny_head(encoder, value_source="patch", attn_stride=4)
-    net = create_model("segmenter", "unet", encoder=encoder, num_classes=2, attention_head=head)
-    assert net(torch.randn(1, 1, 32, 32, 16)).shape == (1, 2, 32, 32, 16)
-
-
 def test_segmenter_turns_the_location_prior_off():
     """A stage 1 head's location prior describes whole scans; on a segmenter's patches it is off
     (the maps equal those of the same head without it) and frozen, but its weights still load."""
@@ -239,14 +233,14 @@ def test_segmenter_turns_the_location_prior_off():
     x = torch.randn(1, 1, 32, 32, 16)
     with torch.no_grad():
         features = encoder.forward_features(x)
-        torch.testing.assert_close(net.attention_head(features, image=x)[1], plain(features, image=x)[1])
+        torch.testing.assert_close(net.attention_head(features)[1], plain(features)[1])
         head.pixel_tag.use_position_prior = True
-        assert (net.attention_head(features, image=x)[1] - plain(features, image=x)[1]).abs().max() > 1e-4
+        assert (net.attention_head(features)[1] - plain(features)[1]).abs().max() > 1e-4
 
 
 def test_head_must_match_encoder():
     encoder = tiny_encoder(3)
-    other = TagAttentionHead([8, 16, 32, 24], num_tags=2, attn_level=1, dim=8)
+    other = TagAttentionHead([8, 16, 32, 24], num_tags=2, config=TagHeadConfig(dim=8, level=1))
     with pytest.raises(ValueError, match="feature_channels"):
         create_model("segmenter", "unet", encoder=encoder, num_classes=2, attention_head=other)
 
@@ -265,7 +259,7 @@ def test_decoder_config_rebuilds_the_network(name):
         "segmenter",
         name,
         encoder=encoder,
-        attention_head=TagAttentionHead(**cfg["attention_head"]),
+        attention_head=TagAttentionHead.from_config(cfg["attention_head"]),
         **cfg["decoder"],
     ).eval()
     rebuilt.load_state_dict(net.state_dict())  # strict: same keys and shapes

@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from mosmos.check.datasets import check_label_values
 from mosmos.errors import ConfigError, DataError
-from mosmos.segdata import SegCase, SegDataset, check_label_values, read_seg_dataset, seg_dataset_name
+from mosmos.segdata.dataset import SegDataset, read_seg_dataset, seg_dataset_name
+from mosmos.segdata.layouts import SegCase
 from mosmos.vocabulary import load_vocabulary
 
 SHAPE = (8, 8, 4)

@@ -11,7 +11,8 @@ import pytest
 
 from mosmos.errors import DataError
 from mosmos.pretrain import tags_cli
-from mosmos.pretrain.tags import ReportTags, TagParser, parse_report, tag_frequencies, tag_matrix
+from mosmos.pretrain.tag_parser import ReportTags, TagParser
+from mosmos.pretrain.tags import parse_report, tag_frequencies, tag_matrix
 from mosmos.synth import findings_to_tags, synthesize
 from mosmos.table import read_report_table
 from mosmos.vocabulary import Vocabulary, load_vocabulary

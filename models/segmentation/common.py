@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock, get_conv_layer
 from torch import nn
 
-from mosmos.models.attention import TagAttentionHead
 from mosmos.models.encoders.base import ImageEncoder
+from mosmos.models.tag_head import TagAttentionHead
 
 __all__ = [
     "ENCODER_PREFIXES",
@@ -38,7 +38,6 @@ HEAD_PARAMETERS_WITHOUT_MAPS = (
     "pixel_tag.value_norm.",
     "pixel_tag.to_v.",
     "pixel_tag.out_norm.",
-    "patch_embed.",
 )
 
 
@@ -303,9 +302,7 @@ class SegmenterBase(nn.Module):
         features = self.encoder.forward_features(x)
         if self.attention_head is None:
             return features, None
-        # The image is passed for heads whose values are patch embeddings of the input (value_source
-        # "patch"); other heads ignore it.
-        _, attn = self.attention_head(features, mask=mask, image=x)
+        _, attn = self.attention_head(features, mask=mask)
         peak = attn.flatten(2).amax(dim=2).clamp_min(torch.finfo(attn.dtype).tiny)
         maps = attn / peak.view(*peak.shape, *([1] * self.spatial_dims))
         return features, maps

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from monai.networks.blocks.transformerblock import TransformerBlock
 from torch import nn
 
-from mosmos.models.attention import TagAttentionHead
 from mosmos.models.encoders.base import ImageEncoder
 from mosmos.models.registry import register_model
 from mosmos.models.segmentation.unet import _ACT, UNetSegmenter, resolve_encoder
+from mosmos.models.tag_head import TagAttentionHead
 
 __all__ = ["MOCTransSegmenter", "TaskTokenTransformer", "mo_ctrans", "sinusoidal_position"]
 

@@ -11,10 +11,10 @@ from monai.networks.blocks import UnetOutBlock
 from monai.networks.blocks.dynunet_block import UnetBasicBlock
 from torch import nn
 
-from mosmos.models.attention import TagAttentionHead
 from mosmos.models.encoders.base import ImageEncoder
 from mosmos.models.registry import create_image_encoder, register_model
 from mosmos.models.segmentation.common import SegmenterBase, UpStage, decoder_strides
+from mosmos.models.tag_head import TagAttentionHead
 
 __all__ = ["UNetSegmenter", "resolve_encoder", "unet"]
 

@@ -10,11 +10,11 @@ import torch
 from monai.networks.blocks import Convolution, UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from mosmos.models.attention import TagAttentionHead
 from mosmos.models.encoders.base import ImageEncoder
 from mosmos.models.registry import register_model
 from mosmos.models.segmentation.common import SegmenterBase, decoder_strides
 from mosmos.models.segmentation.unet import resolve_encoder
+from mosmos.models.tag_head import TagAttentionHead
 
 __all__ = ["UNETRSegmenter", "unetr", "unetr_stage_strides"]
 

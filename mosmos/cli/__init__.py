@@ -101,7 +101,7 @@ def _benchmark(sub) -> None:
     _add_run_arguments(p)
 
     def run(args):
-        from mosmos.benchmark.grid import main
+        from mosmos.benchmark.run import main
 
         return main(["--config", args.config, *args.overrides])
 

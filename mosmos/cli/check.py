@@ -14,17 +14,14 @@ from typing import Any
 
 import yaml
 
-from mosmos.check import (
-    CheckCache,
-    CheckReport,
-    check_report_table,
-    check_seg_dataset,
-    is_report_table,
-    problems_csv,
-)
+from mosmos.check.cases import CheckCache
+from mosmos.check.datasets import check_seg_dataset
+from mosmos.check.report import CheckReport, problems_csv
+from mosmos.check.tables import check_report_table, is_report_table
 from mosmos.errors import ConfigError
 from mosmos.io import atomic_write_text
 from mosmos.pretrain.tags_cli import add_table_column_arguments
+from mosmos.segdata.dataset import seg_dataset_name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,7 +88,6 @@ def _config_targets(path: str) -> list[tuple[str, dict[str, Any]]]:
         ]
     if isinstance(data, dict) and "datasets" in data:
         from mosmos.finetune.config import FinetuneConfig
-        from mosmos.segdata import seg_dataset_name
 
         cfg = load_config(FinetuneConfig, path)
         out = []

@@ -18,7 +18,8 @@ _TEST_DATASET = "Dataset099_SynthTest"
 
 
 def run_demo(out: Path, seed: int = 0, configs: Path | None = None) -> int:
-    from mosmos.benchmark.grid import BenchmarkConfig, run_benchmark
+    from mosmos.benchmark.config import BenchmarkConfig
+    from mosmos.benchmark.run import run_benchmark
     from mosmos.config import load_config
     from mosmos.finetune.config import FinetuneConfig
     from mosmos.finetune.evaluate import evaluate_run

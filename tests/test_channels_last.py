@@ -13,6 +13,23 @@ from mosmos.channels_last import is_channels_last, to_channels_last
 from mosmos.engine import Engine, TrainConfig
 from mosmos.models.registry import create_image_encoder
 
+# Channels-last runs the same convolutions with another summation order, so results differ by float32
+# rounding: about 1e-6 of a tensor's largest entry after a few 3D convolutions (their reductions sum
+# tens to thousands of products), on AVX-512 and AVX2 kernels alike. 1e-4 leaves a wide margin and
+# still catches a wrong layout, which changes results by O(1). The tolerance is set by the tensor's
+# scale, not per element: entries near zero carry the same absolute rounding as the large ones.
+RTOL = 1e-4
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, scale: float, msg: str = "") -> None:
+    """max|actual - expected| <= RTOL * scale."""
+    err = float((actual.detach().double() - expected.detach().double()).abs().max())
+    assert err <= RTOL * scale, f"{msg}: max|a - b| = {err:.3g} > {RTOL} * {scale:.3g}"
+
+
+def _max_abs(*tensors: torch.Tensor) -> float:
+    return max(float(t.detach().double().abs().max()) for t in tensors)
+
 
 def _encoder():
     torch.manual_seed(0)
@@ -27,12 +44,24 @@ def test_same_outputs_and_gradients():
     assert is_channels_last(fast) and not is_channels_last(ref)
     x = torch.randn(2, 1, 16, 16, 8)
     out_ref, out_fast = ref(x), fast(x)
-    for a, b in zip(out_ref["features"], out_fast["features"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for i, (a, b) in enumerate(zip(out_ref["features"], out_fast["features"], strict=True)):
+        assert_close_to_scale(b, a, _max_abs(a), msg=f"features[{i}]")
     out_ref["pooled"].square().sum().backward()
     out_fast["pooled"].square().sum().backward()
-    for (name, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # Gradients are compared at the scale of their layer (the largest gradient among the module's own
+    # parameters): the bias of a convolution followed by a normalisation has a zero gradient in exact
+    # arithmetic (the norm removes any constant shift), so both layouts give it pure rounding noise,
+    # ~1e-7 of the weight gradient computed from the same upstream gradient.
+    fast_modules = dict(fast.named_modules())
+    for name, module in ref.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.grad is not None]
+        if not own:
+            continue
+        scale = _max_abs(*(p.grad for _, p in own))
+        assert scale > 0, name
+        twin = dict(fast_modules[name].named_parameters(recurse=False))
+        for n, p in own:
+            assert_close_to_scale(twin[n].grad, p.grad, scale, msg=f"{name}.{n}")
 
 
 def test_state_dicts_stay_contiguous_and_load_either_way(tmp_path):
@@ -53,9 +82,9 @@ def test_state_dicts_stay_contiguous_and_load_either_way(tmp_path):
             p.zero_()
     other.load_state_dict(loaded)
     assert is_channels_last(other)
-    torch.testing.assert_close(
-        other(torch.ones(1, 1, 16, 16, 8))["pooled"], ref(torch.ones(1, 1, 16, 16, 8))["pooled"]
-    )
+    expected = ref(torch.ones(1, 1, 16, 16, 8))["pooled"]
+    actual = other(torch.ones(1, 1, 16, 16, 8))["pooled"]
+    assert_close_to_scale(actual, expected, _max_abs(expected), msg="pooled")
 
 
 class Volumes(torch.utils.data.Dataset):
@@ -133,4 +162,4 @@ def test_engine_trains_saves_and_resumes_channels_last(tmp_path, kill):
         fast = _fit(tmp_path / "fast", channels_last=True)
     assert fast.layouts and all(fast.layouts) and not any(plain.layouts)
     for (k, a), b in zip(plain.model.state_dict().items(), fast.model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+        assert_close_to_scale(b, a, _max_abs(a), msg=k)

@@ -1,0 +1,145 @@
+"""The benchmark config: target and test data, the strategy x fraction x seed grid, the stage configs.
+
+Strategies (see :data:`STRATEGIES`):
+
+* ``random``: no pretraining.
+* ``mosmos``: stage 1 as configured (contrastive + tags); ``mosmos+attention`` uses the same
+  encoder and also feeds its pixel-tag attention maps to the decoder.
+* ``contrastive_only`` / ``tags_only``: stage 1 with the tag terms / the contrastive term off.
+* ``shuffled_tags``: the same stage 1 with every scan paired with another scan's report: the same
+  compute without the true pairing (the control a report-supervision gain must beat).
+* ``multidataset``: supervised stage 2 pretraining on ``data.other_datasets``; its encoder is
+  exported in the stage 1 format and initialises the target run.
+* ``checkpoint:PATH``: any encoder a user brings (a stage 1 run directory or encoder.safetensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mosmos.errors import ConfigError
+from mosmos.finetune.config import SlidingWindowEval
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "STAGE1_VARIANTS",
+    "STRATEGIES",
+    "STRATEGY_VARIANT",
+    "BenchmarkConfig",
+    "BenchmarkData",
+    "BenchmarkEval",
+    "BenchmarkTrain",
+]
+
+CHECKPOINT_PREFIX = "checkpoint:"
+#: Stage 1 overrides of each pretraining variant, applied after ``pretrain_overrides``.
+STAGE1_VARIANTS: dict[str, list[str]] = {
+    "mosmos": [],
+    # the encoder learns through the image embedding here, whatever share the base config lets through
+    "contrastive_only": [
+        "train.tag_weight=0",
+        "train.embedding_tag_weight=0",
+        "train.pooled_tag_weight=0",
+        "train.image_embedding_grad=1",
+    ],
+    "tags_only": ["train.contrastive_weight=0", "train.embedding_tag_weight=0"],
+    "shuffled_tags": ["data.shuffle_reports=true"],
+}
+#: Strategy -> the pretraining variant whose encoder initialises it (None: no pretraining).
+STRATEGY_VARIANT: dict[str, str | None] = {
+    "random": None,
+    "mosmos": "mosmos",
+    "contrastive_only": "contrastive_only",
+    "tags_only": "tags_only",
+    "mosmos+attention": "mosmos",
+    "multidataset": "multidataset",
+    "shuffled_tags": "shuffled_tags",
+}
+STRATEGIES = tuple(STRATEGY_VARIANT)
+
+
+@dataclass
+class BenchmarkData:
+    target: str = ""  # the fine-tuning target: one dataset folder (nnU-Net / MSD) or datalist JSON
+    test: str = ""  # labelled dataset scored after each cell (only the organs the target labels)
+    pretrain_table: str | None = None  # stage 1 report table (null: the stage 1 config's data.table)
+    pretrain_image_root: str | None = None  # stage 1 image folder (null: the stage 1 config's)
+    pretrain_ground_truth: str | None = None  # synthetic ground truth for the pointing game (optional)
+    other_datasets: list[str] = field(default_factory=list)  # multidataset: supervised pretraining data
+    cache_dir: str | None = None  # preprocessed-volume cache of every run (default: OUTPUT_DIR/cache)
+
+
+@dataclass
+class BenchmarkTrain:
+    # evaluations without improvement before a cell stops; only null (a fixed budget) is supported:
+    # every cell trains the fine-tuning config's train.epochs and is scored at its best validation
+    early_stopping_patience: int | None = None
+
+    def validate(self) -> None:
+        if self.early_stopping_patience is not None:
+            raise ConfigError(
+                f"train.early_stopping_patience={self.early_stopping_patience}: early stopping is not "
+                "available yet; set it to null: every cell then trains the same fixed budget (the "
+                "fine-tuning config's train.epochs) and is scored with its best-validation weights"
+            )
+
+
+@dataclass
+class BenchmarkEval(SlidingWindowEval):
+    """Test-set inference of every cell (``overlap``, ``sw_batch_size`` as in stage 2)."""
+
+    device: str | None = None  # cpu, cuda, cuda:1 ... (default: cuda when available)
+
+
+@dataclass
+class BenchmarkConfig:
+    output_dir: str = "runs/benchmark"  # the benchmark folder (pretrain/, runs/, report)
+    seed: int = 0  # seed of the pretraining variants (each cell uses its own from `seeds`)
+    data: BenchmarkData = field(default_factory=BenchmarkData)
+    # initialisation strategies: random, mosmos, contrastive_only, tags_only, mosmos+attention,
+    # multidataset, shuffled_tags, checkpoint:PATH
+    strategies: list[str] = field(default_factory=lambda: ["random", "mosmos", "shuffled_tags"])
+    fractions: list[float] = field(default_factory=lambda: [0.25, 1.0])  # shares of target training cases
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning seeds (and case subsets)
+    pretrain_config: str | None = None  # stage 1 YAML of the pretraining variants
+    pretrain_overrides: list[str] = field(default_factory=list)  # dotted overrides of it
+    finetune_config: str | None = None  # stage 2 YAML of every cell (and of multidataset pretraining)
+    finetune_overrides: list[str] = field(default_factory=list)  # dotted overrides of it
+    multidataset_overrides: list[str] = field(default_factory=list)  # extra ones for multidataset only
+    train: BenchmarkTrain = field(default_factory=BenchmarkTrain)
+    eval: BenchmarkEval = field(default_factory=BenchmarkEval)
+
+    def validate(self) -> None:
+        if not self.strategies:
+            raise ConfigError("strategies: at least one is needed, e.g. [random, mosmos, shuffled_tags]")
+        for name in self.strategies:
+            if name.startswith(CHECKPOINT_PREFIX):
+                if not name[len(CHECKPOINT_PREFIX) :].strip():
+                    raise ConfigError(f"strategies: {name!r} needs a path, e.g. checkpoint:runs/pretrain")
+            elif name not in STRATEGY_VARIANT:
+                raise ConfigError(
+                    f"strategies: unknown strategy {name!r}; valid: {[*STRATEGIES, 'checkpoint:PATH']}"
+                )
+        for key, values in (("strategies", self.strategies), ("fractions", self.fractions)):
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{key}: {values} lists a value twice")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: {self.seeds} lists a value twice")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"fractions={self.fractions}: give one or more shares in (0, 1]")
+        if not self.seeds:
+            raise ConfigError("seeds: at least one fine-tuning seed is needed, e.g. [0, 1, 2]")
+        if not self.data.target:
+            raise ConfigError("data.target is required: the dataset folder or datalist to fine-tune on")
+        if not self.data.test:
+            raise ConfigError("data.test is required: a labelled dataset folder or datalist to score on")
+        if not self.finetune_config:
+            raise ConfigError("finetune_config is required: a stage 2 YAML, e.g. configs/finetune/demo.yaml")
+        variants = {STRATEGY_VARIANT.get(s) for s in self.strategies}
+        if variants & set(STAGE1_VARIANTS) and not self.pretrain_config:
+            raise ConfigError(
+                "pretrain_config is required by the stage 1 strategies "
+                f"{[s for s in self.strategies if STRATEGY_VARIANT.get(s) in STAGE1_VARIANTS]}"
+            )
+        if "multidataset" in variants and not self.data.other_datasets:
+            raise ConfigError("data.other_datasets is required by the multidataset strategy")

@@ -1,0 +1,20 @@
+"""The training engine shared by both stages, on Hugging Face Accelerate.
+
+A stage builds a :class:`Task` (model, data, ``step(model, batch) -> {"loss": ...}``), calls
+:func:`start_run` and ``Engine(task, cfg.train, ...).fit()``. The modules, one concern each:
+
+- ``loop``: :class:`Engine`, the training loop (accumulation, clipping, non-finite guards, Ctrl-C,
+  logging, evaluation).
+- ``checkpoints``: atomic saves, checksums, resume that falls back past a corrupt checkpoint.
+- ``schedule``: AdamW parameter groups and the warmup + cosine learning rate.
+- ``sampler``: the (seed, epoch)-determined data order that makes resume exact.
+- ``precision``: which autocast precision this machine grants (bf16 on CPUs only where native).
+- ``accelerator``: the Accelerator and the run directory a run starts with.
+- ``config``: :class:`TrainConfig`, the ``train`` section of every stage.
+"""
+
+from mosmos.engine.accelerator import start_run
+from mosmos.engine.config import TrainConfig
+from mosmos.engine.loop import Engine, Task
+
+__all__ = ["Engine", "Task", "TrainConfig", "start_run"]

@@ -1,0 +1,66 @@
+"""The ``accelerate.Accelerator`` a run trains under, and the run directory it starts with."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mosmos.config import dump_config
+from mosmos.engine.config import TrainConfig
+from mosmos.engine.precision import run_precision
+from mosmos.io import atomic_write_text, library_versions, write_json
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def make_accelerator(cfg: TrainConfig, output_dir: str | Path) -> Accelerator:
+    """The Accelerator a run uses: precision as :func:`~mosmos.engine.precision.run_precision` grants,
+    TensorBoard logs under ``output_dir/logs``, and a process group on CPUs when launched on several."""
+    # accelerate is imported here, not at the top: configs import TrainConfig and need none of it
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    precision = run_precision(cfg.mixed_precision)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # One process may train several runs (the benchmark's cells, a notebook). Accelerate keeps
+        # the first run's precision for the whole process and refuses another with a ValueError;
+        # start its per-run state afresh (the process group, in PartialState, is kept).
+        AcceleratorState._reset_state()
+
+    # Under `accelerate launch --multi_gpu` on a machine without CUDA, Accelerate only forms a
+    # (gloo) process group when asked for the CPU explicitly; otherwise each process runs alone.
+    distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=distributed_cpu,
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")
+        ),
+    )
+
+
+def start_run(cfg: Any, train: TrainConfig) -> Accelerator:
+    """Seed, create the Accelerator and, on the main process, the run directory with the resolved
+    config and library versions (what every stage writes before training).
+
+    Args:
+        cfg: a stage's whole config (``output_dir``, ``seed`` and what :func:`dump_config` writes).
+        train: its ``train`` section.
+    """
+    from accelerate.utils import set_seed
+
+    output_dir = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    accelerator = make_accelerator(train, output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "config.yaml", dump_config(cfg))
+        write_json(output_dir / "versions.json", library_versions())
+    return accelerator

@@ -1,0 +1,60 @@
+"""The ``train`` section of every stage's config: what the engine reads, with its valid ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mosmos.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """The ``train`` section every stage shares."""
+
+    epochs: int = 10  # passes over the training set
+    max_steps: int | None = None  # optimizer steps; when set, overrides epochs
+    batch_size: int = 8  # per process
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not applied to norms/biases)
+    warmup_steps: int = 50  # linear warmup, then cosine decay to 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad: float | None = 1.0  # max gradient norm; null disables
+    # autocast: fp16 on GPUs; bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX, see
+    # mosmos.engine.precision), elsewhere full precision
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    num_workers: int = 0  # DataLoader workers per process
+    checkpoint_every: int = 200  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    resume: str | None = None  # "latest", a checkpoint directory, or null
+    log_every: int = 10  # optimizer steps between log lines / TensorBoard points
+    eval_every: int = 1  # epochs between evaluations
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
+    deterministic: bool = False  # torch deterministic algorithms (for exact-resume checks)
+    # store convolution weights channels-last (NDHWC): faster 3D convolutions on CPU (oneDNN) and on
+    # recent GPUs; same numbers up to float rounding, same checkpoints (mosmos.channels_last)
+    channels_last: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first key whose value is out of range."""
+        checks = {
+            "train.epochs": self.epochs >= 1,
+            "train.batch_size": self.batch_size >= 1,
+            "train.lr": self.lr > 0,
+            "train.weight_decay": self.weight_decay >= 0,
+            "train.warmup_steps": self.warmup_steps >= 0,
+            "train.grad_accum": self.grad_accum >= 1,
+            "train.num_workers": self.num_workers >= 0,
+            "train.checkpoint_every": self.checkpoint_every >= 1,
+            "train.keep_checkpoints": self.keep_checkpoints >= 1,
+            "train.log_every": self.log_every >= 1,
+            "train.eval_every": self.eval_every >= 1,
+            "train.max_bad_steps": self.max_bad_steps >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key.split('.')[1])!r} is out of range")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps={self.max_steps} must be >= 1 or null")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError(f"train.clip_grad={self.clip_grad} must be > 0 or null")

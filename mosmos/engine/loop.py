@@ -1,0 +1,320 @@
+"""The training loop: :class:`Engine` runs a stage's :class:`Task` to its last step.
+
+One flat loop (accelerate-examples style) that runs unchanged on one CPU, one GPU or many
+processes: device placement, autocast, gradient accumulation and clipping, checkpoints with exact
+resume, TensorBoard logging, a progress bar on the main process, and guards against non-finite
+losses and Ctrl-C. It never knows which objective it runs: the task supplies the model, the data
+and a step function ``(model, batch) -> {"loss": ...}``.
+
+Exact resume: the sampler's order is a function of (seed, epoch) and augmentation is seeded per
+(seed, epoch, sample), so restoring model/optimizer/scheduler/RNG state and skipping the batches
+already seen reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from mosmos.channels_last import to_channels_last
+from mosmos.engine import checkpoints
+from mosmos.engine.accelerator import make_accelerator
+from mosmos.engine.config import TrainConfig
+from mosmos.engine.sampler import make_train_loader
+from mosmos.engine.schedule import cosine_with_warmup, make_optimizer
+from mosmos.errors import MosmosError
+from mosmos.io import write_json
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger("mosmos")
+
+
+class Task(Protocol):
+    """What a stage hands the engine (optionally also ``lr_scale`` and ``freeze_steps``, by
+    parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`)."""
+
+    model: torch.nn.Module
+    train_dataset: Dataset
+    collate_fn: Callable | None
+
+    def step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Named losses for one batch, with the total under ``"loss"``."""
+
+    def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+        """Validation metrics (runs on the main process, model unwrapped)."""
+
+
+class Engine:
+    """Runs a :class:`Task` under an ``accelerate.Accelerator``.
+
+    Example:
+        >>> history = Engine(task, cfg.train, cfg.output_dir, seed=cfg.seed).fit()
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainConfig,
+        output_dir: str | Path,
+        seed: int,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.task, self.cfg, self.seed = task, cfg, seed
+        self.output_dir = Path(output_dir)
+        self.accelerator = accelerator or make_accelerator(cfg, self.output_dir)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        # the state a checkpoint holds
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_done = 0  # micro-batches consumed in the current epoch
+        self.history: list[dict] = []
+        # the state of this process only
+        self.interrupted = False
+        self.bad_steps = 0  # non-finite steps in a row
+        self.running: dict[str, float] = {}  # loss sums since the last log line
+
+    def fit(self) -> list[dict]:
+        """Train to ``total_steps``, evaluating every ``eval_every`` epochs; returns the metric history."""
+        acc = self.accelerator
+        self._prepare()
+        acc.init_trackers("tb")
+        checkpoints.remove_stale_temporaries(acc, self.output_dir)
+        self.try_resume()
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if acc.is_main_process else None
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            disable=not acc.is_local_main_process,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        start = time.time()
+        try:
+            while self.global_step < self.total_steps and not self.interrupted:
+                if self._train_epoch(bar):  # ran to the end of the epoch
+                    self.epoch += 1
+                    self.batches_done = 0
+                    if self.epoch % self.cfg.eval_every == 0:
+                        self._evaluate()
+        finally:
+            bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        if self.interrupted:
+            path = self.save_checkpoint()
+            acc.print(f"interrupted: saved {path}; continue with train.resume=latest")
+        else:
+            self._finish(start)
+        acc.end_training()
+        return self.history
+
+    # ---------------------------------------------------------------- set-up
+    def _prepare(self) -> None:
+        """Build the loader, optimizer and schedule, let accelerate place them; set ``total_steps``."""
+        cfg, task = self.cfg, self.task
+        loader = make_train_loader(
+            task.train_dataset, cfg.batch_size, task.collate_fn, cfg.num_workers, self.seed
+        )
+        if cfg.channels_last:
+            to_channels_last(task.model)
+        optimizer = make_optimizer(
+            task.model,
+            cfg.lr,
+            cfg.weight_decay,
+            getattr(task, "lr_scale", None),
+            getattr(task, "freeze_steps", None),
+        )
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(task.model, optimizer, loader)
+        steps_per_epoch = max(1, len(self.loader) // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        self.scheduler = cosine_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        # The scheduler's state goes into trainer_state.json, not accelerate's register_for_checkpointing:
+        # accelerate reads registered objects back with torch.load(weights_only=False), which would run
+        # whatever a tampered checkpoint pickled. Everything else it loads is safetensors or weights_only.
+
+    # ----------------------------------------------------------------- loop
+    def _train_epoch(self, bar: tqdm) -> bool:
+        """Train on the rest of the current epoch; False when training stopped inside it (last step
+        reached or interrupted)."""
+        acc, cfg = self.accelerator, self.cfg
+        # accelerate's loaders re-seed their sampler with their own iteration counter on every pass,
+        # so the epoch is set on the loader (it forwards to EpochSampler.set_epoch)
+        if hasattr(self.task.train_dataset, "set_epoch"):
+            self.task.train_dataset.set_epoch(self.epoch)
+        loader = acc.skip_first_batches(self.loader, self.batches_done) if self.batches_done else self.loader
+        loader.set_epoch(self.epoch)
+        for batch in loader:
+            losses, fault = self._step(batch)
+            self.batches_done += 1
+            if fault is not None:
+                self._skip_faulty_step(fault)
+                continue
+            self.bad_steps = 0
+            for k, v in losses.items():
+                self.running[k] = self.running.get(k, 0.0) + float(v.detach())
+            if not acc.sync_gradients:  # inside a gradient accumulation
+                continue
+            self.global_step += 1
+            bar.update(1)
+            if self.global_step % cfg.log_every == 0:
+                self._log(bar)
+            if self.global_step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.global_step >= self.total_steps or self.interrupted:
+                return False
+        return True
+
+    def _step(self, batch: Any) -> tuple[dict[str, torch.Tensor], str | None]:
+        """Forward and backward one micro-batch, and step the optimizer at the end of an accumulation.
+        Returns the losses and what was non-finite ("loss", "gradient" or None); nothing is updated then."""
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            losses = self.task.step(self.model, batch)
+            loss = losses["loss"]
+            fault = None if self._all_finite(loss.detach()) else "loss"
+            if fault is None:
+                acc.backward(loss)
+                if acc.sync_gradients and not self._gradients_finite():
+                    fault = "gradient"
+            if fault is None:
+                self.optimizer.step()  # accelerate skips it between accumulation steps
+                if acc.sync_gradients:
+                    self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return losses, fault
+
+    def _skip_faulty_step(self, fault: str) -> None:
+        """Count a skipped step; ``max_bad_steps`` in a row save the last good state and stop the run."""
+        cfg = self.cfg
+        self.bad_steps += 1
+        if self.accelerator.is_main_process:
+            logger.warning(
+                "non-finite %s at step %d (epoch %d, batch %d); step skipped (%d in a row)",
+                fault,
+                self.global_step + 1,
+                self.epoch,
+                self.batches_done,
+                self.bad_steps,
+            )
+        if self.bad_steps >= cfg.max_bad_steps:
+            path = self.save_checkpoint()
+            raise MosmosError(
+                f"{self.bad_steps} consecutive non-finite losses or gradients at step "
+                f"{self.global_step + 1}: the learning rate (train.lr={cfg.lr}) is likely too "
+                f"high or the precision (train.mixed_precision={cfg.mixed_precision}) too low, "
+                f"or the data holds NaN/inf (run `mosmos check`); the last good state is "
+                f"saved in {path}"
+            )
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """True on every process when ``value`` is finite on every process (all take the same branch)."""
+        flag = torch.isfinite(value).all().float().reshape(1).to(self.accelerator.device)
+        return self.accelerator.reduce(flag, "min").item() > 0
+
+    def _gradients_finite(self) -> bool:
+        """Clip (when configured) and tell whether the gradient norm is finite. Under fp16 the GradScaler
+        owns this check (it skips inf steps and lowers its scale), so it is never counted as a fault."""
+        acc, cfg = self.accelerator, self.cfg
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.clip_grad:
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        elif params:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        else:
+            return True
+        if acc.scaler is not None or norm is None:  # None: a backend (DeepSpeed) that clips internally
+            return True
+        return self._all_finite(torch.as_tensor(norm).detach())
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # First Ctrl-C: finish the current step, save a checkpoint, stop cleanly. A second one stops
+        # at once (the last complete checkpoint stays usable: saves are atomic).
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True)
+
+    # ------------------------------------------------------ logs and metrics
+    def _log(self, bar: tqdm) -> None:
+        """Mean losses since the last log line and the learning rate, to TensorBoard and the bar."""
+        n = self.cfg.log_every * self.cfg.grad_accum
+        logs = {f"train/{k}": v / n for k, v in self.running.items()}
+        logs["train/lr"] = self.scheduler.get_last_lr()[0]
+        self.accelerator.log(logs, step=self.global_step)
+        bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in logs.items() if k != "train/lr"})
+        self.running = {}
+
+    def _evaluate(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                metrics = self.task.evaluate(model, self.epoch)
+            model.train(was_training)
+            record = {"epoch": self.epoch, "step": self.global_step, **metrics}
+            self.history.append(record)
+            acc.log(
+                {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                step=self.global_step,
+            )
+            write_json(self.output_dir / "metrics.json", {"history": self.history, "final": record})
+            # per-organ entries ("pointing_game/liver") go to TensorBoard and metrics.json only
+            acc.print(
+                "eval "
+                + " ".join(
+                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k
+                )
+            )
+        acc.wait_for_everyone()
+
+    def _finish(self, start: float) -> None:
+        """The final evaluation and checkpoint, unless the last step already has them."""
+        if not self.history or self.history[-1]["step"] != self.global_step:
+            self._evaluate()
+        latest = checkpoints.list_checkpoints(self.output_dir)
+        if not latest or latest[0].name != checkpoints.checkpoint_name(self.global_step):
+            self.save_checkpoint()
+        self.accelerator.print(f"done: {self.global_step} steps in {time.time() - start:.0f}s")
+
+    # ---------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically and prune old ones (:func:`checkpoints.save`)."""
+        state = {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "history": self.history,
+            "seed": self.seed,
+            "scheduler": checkpoints.scheduler_state(self.scheduler),
+        }
+        return checkpoints.save(self.accelerator, self.output_dir, state, self.cfg.keep_checkpoints)
+
+    def try_resume(self) -> bool:
+        """Continue from the newest usable checkpoint ``train.resume`` names; False when there is
+        none to resume from (:func:`checkpoints.load_newest` says which are skipped and why)."""
+        found = checkpoints.load_newest(self.accelerator, self.cfg.resume, self.output_dir)
+        if found is None:
+            return False
+        path, state = found
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.batches_done = state["batches_done"]
+        self.history = state.get("history", [])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.accelerator.print(f"resumed from {path} at step {self.global_step} (epoch {self.epoch})")
+        return True
