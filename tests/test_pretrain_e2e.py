@@ -106,7 +106,7 @@ def test_two_process_launch_forms_one_group(tiny_synth, tmp_path):
         "--main_process_port",
         "29561",
         "-m",
-        "pretrain",
+        "mosmos.pretrain",
         "--config",
         str(DEMO),
         *tiny_pretrain_overrides(tiny_synth, out, **{"train.epochs": 2}),
