@@ -86,6 +86,17 @@ def resolve_preprocess(cfg: FinetuneConfig, encoder_json: dict | None) -> Prepro
     )
 
 
+def load_preprocess(cfg: FinetuneConfig) -> PreprocessConfig:
+    """The run's preprocessing (:func:`resolve_preprocess`), reading the stage 1 export ``model.init``
+    names, if any."""
+    from mosmos.export import read_encoder_export
+
+    encoder_json = None
+    if cfg.model.init != "random":
+        encoder_json = read_encoder_export(cfg.model.init)[0].to_dict()
+    return resolve_preprocess(cfg, encoder_json)
+
+
 def _split(cases: list[SegCase], val_fraction: float, fraction: float, seed: int, salt: int):
     """Seeded (train, val) split of one dataset's cases, then a seeded subset of the training part."""
     if len(cases) < 2:
@@ -295,22 +306,31 @@ class PatchDataset(Dataset):
         }
 
 
-def build_train_dataset(cfg: FinetuneConfig, data: SegData, output_dir: Path) -> PatchDataset:
-    """The cached, balanced patch stream over ``data.train``."""
+def cached_train_cases(cfg: FinetuneConfig, data: SegData, output_dir: Path) -> Dataset:
+    """The preprocessed training cases (image + label), cached on disk: what :func:`build_train_dataset`
+    cuts patches from and what ``mosmos preprocess`` fills. Validation cases are not cached: they are
+    predicted and scored in their own geometry (:class:`mosmos.finetune.inference.Predictor`)."""
     from mosmos.cache import cache_key, cached_dataset
 
     pre = data.preprocess
-    assert pre is not None
+    if pre is None:
+        raise ValueError("data.preprocess is unset; set it with load_preprocess(cfg) first")
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir.parent / ".cache" / "finetune"
     items = [{"image": c.image, "label": c.label} for c, _ in data.train]
-    cached = cached_dataset(
+    return cached_dataset(
         items,
         build_preprocess(pre, ("image",), ("label",)),
         cache_dir,
         cache_key(pre, ("image",), ("label",), prefix="finetune"),
     )
+
+
+def build_train_dataset(cfg: FinetuneConfig, data: SegData, output_dir: Path) -> PatchDataset:
+    """The cached, balanced patch stream over ``data.train``."""
+    pre = data.preprocess
+    assert pre is not None
     return PatchDataset(
-        cached,
+        cached_train_cases(cfg, data, output_dir),
         [t for _, t in data.train],
         data.tasks,
         pre,

@@ -174,7 +174,21 @@ def decode_probabilities(
 
 
 class Predictor:
-    """Sliding-window inference of a trained segmenter in each input's own geometry."""
+    """Sliding-window inference of a trained segmenter in each input's own geometry.
+
+    :meth:`probabilities` runs :meth:`preprocess`, :meth:`window_probabilities` and :meth:`invert`.
+    A task-conditioned model (``model.task_conditioned``; by default any model with several tasks)
+    gets one pass per task whose organs are read from it, any other model a single pass.
+
+    Args:
+        model: the segmenter (``forward(x, task=None, mask=None)``), in eval mode.
+        spec: its ``model.json``.
+        device: where the network runs.
+        overlap: sliding-window overlap (fraction of the window).
+        sw_batch_size: windows per forward call.
+        mode: blending of overlapping windows: ``"gaussian"`` (nnU-Net's, down-weights window
+            borders) or ``"constant"`` (``monai.inferers.sliding_window_inference``'s default).
+    """
 
     def __init__(
         self,
@@ -183,11 +197,14 @@ class Predictor:
         device: str | torch.device = "cpu",
         overlap: float = 0.25,
         sw_batch_size: int = 2,
+        mode: str = "gaussian",
     ) -> None:
+        if mode not in ("gaussian", "constant"):
+            raise ConfigError(f"sliding-window mode {mode!r} is not one of ['gaussian', 'constant']")
         self.model, self.spec, self.device = model, spec, torch.device(device)
         self.pre = PreprocessConfig.from_dict(spec.preprocess)
         self.chain = build_preprocess(self.pre, ("image",))
-        self.overlap, self.sw_batch_size = overlap, sw_batch_size
+        self.overlap, self.sw_batch_size, self.mode = overlap, sw_batch_size, mode
         self.task_conditioned = bool(getattr(model, "task_conditioned", len(spec.tasks) > 1))
 
     def _plan(self, task: int | None) -> dict[int | None, list[int]]:
@@ -199,43 +216,60 @@ class Predictor:
             plan.setdefault(int(self.spec.organ_task[organ]), []).append(c)
         return plan
 
-    @torch.no_grad()
     def probabilities(self, image_path: str | Path, task: int | None = None) -> tuple[torch.Tensor, dict]:
         """Per-organ probabilities ``[C, *input shape]`` in the input's voxel grid, and its meta."""
-        from monai.data import MetaTensor
-        from monai.inferers import sliding_window_inference
-        from monai.transforms import Invertd
+        image, x = self.preprocess(image_path)
+        probs = self.window_probabilities(x, task)
+        return self.invert(image, probs), dict(image.meta)
 
+    def preprocess(self, image_path: str | Path) -> tuple[Any, torch.Tensor]:
+        """The preprocessed image (a MetaTensor that remembers its transforms) and the network
+        input ``[1, 2, *S]`` (image, body mask) on the device."""
         try:
             item = self.chain({"image": str(image_path)})
         except Exception as exc:  # MONAI wraps reader errors several levels deep
             raise DataError(f"{image_path}: could not be read and preprocessed: {_root_cause(exc)}") from None
         image = item["image"]
         x = torch.cat([image.as_tensor(), torch.as_tensor(item[BODY_MASK_KEY]).float()], 0)[None]
-        x = x.to(self.device)
-        out = torch.zeros((len(self.spec.organs), *image.shape[1:]), dtype=torch.float32)
-        for t, channels in self._plan(task).items():
-            tid = None if t is None else torch.tensor([t], device=self.device)
+        return image, x.to(self.device)
 
-            def predictor(window: torch.Tensor, tid=tid) -> torch.Tensor:
-                task_ids = None if tid is None else tid.expand(window.shape[0])
-                return self.model(window[:, :1], task=task_ids, mask=window[:, 1:2])
+    def window_probabilities(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Per-organ probabilities ``[C, *S]`` (on the CPU) of the preprocessed input ``x``: the
+        sliding window's blended logits of each pass, each organ's probability from its pass."""
+        from monai.inferers import sliding_window_inference
 
-            logits = sliding_window_inference(
-                x,
-                roi_size=tuple(self.pre.size),
-                sw_batch_size=self.sw_batch_size,
-                predictor=predictor,
-                overlap=self.overlap,
-                mode="gaussian",
-            )
-            probs = organ_probabilities(torch.as_tensor(logits).float().cpu(), self.spec.strategy)[0]
-            out[channels] = probs[channels]
-        pred = MetaTensor(out, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        out = torch.zeros((len(self.spec.organs), *x.shape[2:]), dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for t, channels in self._plan(task).items():
+                tid = None if t is None else torch.tensor([t], device=self.device)
+
+                def predictor(window: torch.Tensor, tid=tid) -> torch.Tensor:
+                    task_ids = None if tid is None else tid.expand(window.shape[0])
+                    return self.model(window[:, :1], task=task_ids, mask=window[:, 1:2])
+
+                logits = sliding_window_inference(
+                    x,
+                    roi_size=tuple(self.pre.size),
+                    sw_batch_size=self.sw_batch_size,
+                    predictor=predictor,
+                    overlap=self.overlap,
+                    mode=self.mode,
+                )
+                probs = organ_probabilities(torch.as_tensor(logits).float(), self.spec.strategy)[0]
+                out[channels] = probs[channels]
+        return out.cpu()  # one copy from the device, after every pass
+
+    def invert(self, image: Any, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` ``[C, *S]`` mapped back to the input's grid (pad, crop, resampling and
+        orientation undone) with the transforms ``image`` recorded."""
+        from monai.data import MetaTensor
+        from monai.transforms import Invertd
+
+        pred = MetaTensor(probs, meta=dict(image.meta), applied_operations=list(image.applied_operations))
         inverted = Invertd("pred", self.chain, orig_keys="image", nearest_interp=False)(
             {"image": image, "pred": pred}
         )["pred"]
-        return torch.as_tensor(inverted).float(), dict(image.meta)
+        return torch.as_tensor(inverted).float()
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ import torch
 from mosmos.config import check_divisible, load_config
 from mosmos.errors import DataError
 from mosmos.finetune.config import FinetuneConfig
-from mosmos.finetune.data import SegData, build_seg_data, build_train_dataset, resolve_preprocess
+from mosmos.finetune.data import SegData, build_seg_data, build_train_dataset, load_preprocess
 from mosmos.finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
 from mosmos.io import write_json
 from mosmos.vocabulary import load_vocabulary
@@ -61,23 +61,20 @@ class FinetuneTask:
     """What the engine needs for stage 2: model, patch stream, loss step, validation Dice."""
 
     def __init__(self, cfg: FinetuneConfig, accelerator) -> None:
-        from mosmos.export import read_encoder_export
         from mosmos.finetune.pretrained import build_segmenter
         from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss
 
         self.cfg, self.accelerator = cfg, accelerator
         self.output_dir = Path(cfg.output_dir)
         vocab = load_vocabulary(cfg.data.vocabulary)
-        encoder_json = None
-        if cfg.model.init != "random":
-            encoder_json = read_encoder_export(cfg.model.init)[0].to_dict()
+        preprocess = load_preprocess(cfg)  # before the data checks: a bad model.init fails fast
         with accelerator.main_process_first():  # the others then read the main process's check cache
             self.data = build_seg_data(cfg, vocab)
         if accelerator.is_main_process and cfg.data.on_bad_case == "skip":
             from mosmos.check.report import write_problems_csv
 
             write_problems_csv(self.output_dir / "skipped.csv", self.data.skipped)
-        self.data.preprocess = resolve_preprocess(cfg, encoder_json)
+        self.data.preprocess = preprocess
         self.model, report = build_segmenter(
             cfg.model.name,
             num_classes=len(self.data.organs),

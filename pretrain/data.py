@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mosmos.batch_augment import BatchAugment
 from mosmos.cache import cache_key, cached_dataset
 from mosmos.errors import ConfigError, DataError
-from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_augment, build_preprocess
+from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_preprocess
 
 logger = logging.getLogger("mosmos")
 
@@ -85,12 +86,15 @@ class ImageReportDataset(Dataset):
         tags: ``[N, n_organs, 2]`` int8 (1 positive, 0 negative, -1 unknown), row i for record i.
         preprocess: the shared preprocessing config (spacing, size, HU window, ...).
         cache_dir: root of the preprocessing cache (``None``: preprocess on every access).
-        train: apply random augmentation (:func:`mosmos.transforms.build_augment`) after the cache.
+        train: augment training batches (:meth:`augment_batch`, the random family of
+            :func:`mosmos.transforms.build_augment` applied batch-wise by :class:`BatchAugment`).
         augment: overrides of the augmentation defaults.
         label_paths: optional ground-truth organ label maps, one per record, for the pointing game.
 
-    With ``train=True`` each item's augmentation is seeded from (seed, epoch, index) (see
-    :meth:`set_epoch`), so draws are reproducible in any worker and after a resume.
+    Items are the cached, preprocessed volumes: with ``train=True`` the training step augments the
+    collated batch with :meth:`augment_batch` on the training device (one pass for the whole batch,
+    instead of per item in the loader), each sample's draw seeded from (seed, epoch, index) (see
+    :meth:`set_epoch`), so draws are reproducible for any batch, worker count or resume point.
 
     Items: ``image`` float32 ``[1, *size]`` in [0, 1], ``body_mask`` bool ``[1, *size]``, ``tags``
     int8 ``[n_organs, 2]``, ``report`` str, ``index`` int, ``case_id`` str, and with ``label_paths``
@@ -140,7 +144,7 @@ class ImageReportDataset(Dataset):
             cache_dir,
             cache_key(preprocess, label_keys=label_keys),
         )
-        self.augment = build_augment(preprocess, label_keys=label_keys, augment=augment) if train else None
+        self.batch_augment = BatchAugment(preprocess, augment) if train else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -149,20 +153,29 @@ class ImageReportDataset(Dataset):
         """Augmentation is seeded per (seed, epoch, case): the same draw on resume, in any worker."""
         self.epoch = epoch
 
-    def set_random_state(self, seed: int | None = None) -> ImageReportDataset:
-        """Seed the augmentation (``monai.data.DataLoader`` calls this once per worker)."""
-        if self.augment is not None:
-            self.augment.set_random_state(seed=seed)
-        return self
+    def sample_seed(self, index: int) -> int:
+        """The augmentation seed of case ``index`` in the current epoch."""
+        return (self.seed * 7_919 + self.epoch * 1_000_003 + int(index)) % 2**32
+
+    def augment_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A collated training batch with each sample augmented by its (seed, epoch, index) draw, on
+        the batch's device; the batch unchanged without ``train=True``."""
+        if self.batch_augment is None:
+            return batch
+        keys = [k for k in ("body_mask", "labels") if k in batch]
+        image, masks = self.batch_augment(
+            batch["image"], [batch[k] for k in keys], [self.sample_seed(i) for i in batch["index"]]
+        )
+        return {**batch, "image": image, **dict(zip(keys, masks, strict=True))}
+
+    @property
+    def cached_volumes(self) -> Any:
+        """The cached dataset of preprocessed volumes (what ``mosmos preprocess`` fills)."""
+        return self._volumes
 
     def _volume(self, index: int) -> dict[str, Any]:
         try:
             item = self._volumes[index]
-            if self.augment is not None:
-                self.augment.set_random_state(
-                    seed=(self.seed * 7_919 + self.epoch * 1_000_003 + index) % 2**32
-                )
-                item = self.augment(item)
         except DataError:
             raise
         except Exception as e:  # MONAI wraps the real cause in RuntimeError("applying transform ...")
@@ -195,16 +208,24 @@ class ImageReportDataset(Dataset):
 class ReportCollator:
     """Stacks tensors and tokenises the reports (padding to the longest, truncation to ``max_length``).
 
-    Tokenising here, in the data loader, keeps it out of ``forward`` and off the training process.
+    Tokenising here, in the data loader, keeps it out of ``forward`` and off the training process;
+    so does ``augment`` (e.g. :meth:`ImageReportDataset.augment_batch`), applied to the stacked batch
+    when given: on a CPU, a loader worker then augments the next batch while the model computes.
     Output: ``image``, ``body_mask``, ``tags`` (and ``labels``) stacked; ``input_ids`` and
     ``attention_mask`` ``[B, L]``; ``report``, ``case_id`` and ``index`` as lists.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 256) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int = 256,
+        augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         if max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.augment = augment
 
     def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not batch:
@@ -222,7 +243,7 @@ class ReportCollator:
         out["report"] = reports
         out["case_id"] = [b["case_id"] for b in batch]
         out["index"] = [int(b["index"]) for b in batch]
-        return out
+        return self.augment(out) if self.augment is not None else out
 
 
 @dataclass
@@ -239,8 +260,10 @@ class PretrainData:
     val_findings: list[dict] | None = None
 
     @staticmethod
-    def make_collator(tokenizer: Any, max_length: int) -> ReportCollator:
-        return ReportCollator(tokenizer, max_length)
+    def make_collator(
+        tokenizer: Any, max_length: int, augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    ) -> ReportCollator:
+        return ReportCollator(tokenizer, max_length, augment)
 
 
 def _ground_truth(root: Path, records: list[dict], organs: list[str]) -> tuple[list[Path], list[int | None]]:

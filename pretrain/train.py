@@ -7,7 +7,6 @@ attention, trains them with the shared engine, evaluates each epoch and exports 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -124,9 +123,16 @@ class PretrainTask:
         )
         if cfg.train.text_lr_scale != 1.0:
             self.lr_scale = {TEXT_PARAMETERS: cfg.train.text_lr_scale}
-        self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length)
+        # Training batches are augmented as a whole (BatchAugment): on a GPU inside the step, on the
+        # device; on a CPU in the loader's collation, so a worker does it while the model computes.
+        self.augment_in_step = accelerator.device.type == "cuda"
+        train_augment = None if self.augment_in_step else self.train_dataset.augment_batch
+        self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length, train_augment)
+        self.eval_collate_fn = data.make_collator(tokenizer, cfg.data.max_length)
 
     def step(self, model, batch) -> dict[str, torch.Tensor]:
+        if self.augment_in_step and model.training:
+            batch = self.train_dataset.augment_batch(batch)
         return model(batch)
 
     def evaluate(self, objective, epoch: int) -> dict[str, float]:
@@ -142,10 +148,9 @@ class PretrainTask:
         if n_train > 0:
             from torch.utils.data import Subset
 
-            # the same scans every time, as the model sees them without augmentation
-            plain = copy.copy(self.train_dataset)
-            plain.augment = None
-            train_outputs = collect_outputs(model, self._loader(Subset(plain, range(n_train))), device)
+            # the same scans every time, without augmentation (the dataset's items are never augmented)
+            subset = Subset(self.train_dataset, range(n_train))
+            train_outputs = collect_outputs(model, self._loader(subset), device)
             for key, value in self._metrics(objective, train_outputs, findings=None).items():
                 metrics[f"train/{key}"] = value
         return metrics
@@ -153,7 +158,7 @@ class PretrainTask:
     def _loader(self, dataset):
         from torch.utils.data import DataLoader
 
-        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, collate_fn=self.collate_fn)
+        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, collate_fn=self.eval_collate_fn)
 
     def _metrics(self, objective, outputs: dict, findings) -> dict[str, float]:
         from mosmos.pretrain.evaluate import compute_metrics

@@ -45,6 +45,10 @@ def tiny_pretrain_overrides(data: Path, run: Path, **extra) -> list[str]:
         "train.queue_size": "8",
         "train.deterministic": "true",
         "eval.attention_overlays": "1",
+        # fixed, not auto: runs that must match bit for bit need the same layout, and a worker
+        # process per epoch would cost more than these tiny runs' steps
+        "train.channels_last": "false",
+        "train.num_workers": "0",
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]

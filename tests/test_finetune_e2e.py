@@ -31,6 +31,10 @@ def tiny_finetune_overrides(data, run, **extra) -> list[str]:
         "train.checkpoint_every": "2",
         "train.eval_every": "1",
         "train.deterministic": "true",
+        # fixed, not auto: runs that must match bit for bit need the same layout, and a worker
+        # process per epoch would cost more than these tiny runs' steps
+        "train.channels_last": "false",
+        "train.num_workers": "0",
         "eval.hd95": "true",
     }
     base.update({k: str(v) for k, v in extra.items()})

@@ -116,6 +116,41 @@ def test_without_a_task_each_organ_comes_from_a_task_that_labels_it(tmp_path):
     assert {tuple(set(t)) for _, t, _ in model.calls} == {(1,)}
 
 
+class TaskOracle(IntensityOracle):
+    """The oracle's logits shifted by a per-task offset: each task's pass gives different numbers."""
+
+    task_conditioned = True
+
+    def forward(self, x, task=None, mask=None):
+        offset = torch.tensor([-1.5, 0.7])[task].view(-1, 1, 1, 1, 1)
+        return super().forward(x, task, mask) + offset
+
+
+@pytest.mark.parametrize("strategy", ["masked", "marginal"])
+def test_each_organ_has_the_probabilities_of_its_tasks_pass(tmp_path, strategy):
+    from monai.inferers import sliding_window_inference
+
+    img_path, _ = _phantom(tmp_path, np.diag([2.0, 2.0, 3.0, 1.0]))
+    spec = _spec(tasks=2, strategy=strategy)  # liver read from task 0, spleen from task 1
+    predictor = Predictor(TaskOracle(), spec, "cpu", overlap=0.25, sw_batch_size=3)
+    _, x = predictor.preprocess(img_path)
+    reference = []
+    for t in (0, 1):  # each task's pass on its own, channel t from pass t
+        logits = sliding_window_inference(
+            x,
+            (16, 16, 16),
+            2,
+            lambda w, t=t: predictor.model(w[:, :1], torch.full((len(w),), t), w[:, 1:2]),
+            overlap=0.25,
+            mode="gaussian",
+        )
+        reference.append(organ_probabilities(torch.as_tensor(logits), strategy)[0, t])
+    torch.testing.assert_close(predictor.window_probabilities(x), torch.stack(reference))
+    assert predictor.window_probabilities(x, task=1)[0].sub(reference[0]).abs().max() > 0.1
+    with pytest.raises(ConfigError, match="'average'"):
+        Predictor(TaskOracle(), spec, mode="average")
+
+
 def test_unknown_task_lists_the_valid_ones():
     with pytest.raises(ConfigError, match=r"T0.*T1"):
         _spec(tasks=2).task_index("nope")

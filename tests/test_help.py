@@ -27,6 +27,7 @@ def test_the_top_level_help_lists_every_verb(capsys):
         "synth",
         "check",
         "tags",
+        "preprocess",
         "pretrain",
         "finetune",
         "evaluate",

@@ -117,9 +117,9 @@ def child(req):
     torch.set_num_threads(1)
     if req.get("die_in_save"):
         die_in_save(*req["die_in_save"])
-    sys.argv = ["python -m " + req["stage"], *req["argv"]]
+    sys.argv = ["python -m mosmos." + req["stage"], *req["argv"]]
     try:
-        runpy.run_module(req["stage"], run_name="__main__", alter_sys=True)
+        runpy.run_module("mosmos." + req["stage"], run_name="__main__", alter_sys=True)
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
@@ -214,7 +214,7 @@ class Runs:
         for stage in STAGES:
             run = base / f"{stage}-reference"
             with open(base / f"{stage}-reference.log", "wb") as log:
-                cmd = [sys.executable, "-m", stage, *_argv(stage, data, run)]
+                cmd = [sys.executable, "-m", f"mosmos.{stage}", *_argv(stage, data, run)]
                 proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
             self.refs[stage] = (run, proc)
         self.n = 0

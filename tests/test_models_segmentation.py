@@ -109,6 +109,7 @@ def test_mo_ctrans_depends_on_task_and_checks_ids():
         y0_again = net(x, task=torch.tensor([0]))
     assert torch.equal(y0, y0_again)
     assert (y0 - y1).abs().max() > 1e-4
+    assert net.task_conditioned  # inference runs a pass per task for it
     for bad in (3, -1):
         with pytest.raises(ValueError, match=r"valid ids are 0\.\.2"):
             net(x, task=torch.tensor([bad]))
@@ -126,6 +127,7 @@ def test_unet_and_unetr_ignore_task():
         x = torch.randn(1, 1, 32, 32, 16)
         with torch.no_grad():
             assert torch.equal(net(x, task=torch.tensor([0])), net(x, task=torch.tensor([1])))
+        assert not net.task_conditioned  # inference runs a single pass for every task
 
 
 def test_mo_ctrans_window_path_single_window_equals_full_attention():

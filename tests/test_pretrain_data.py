@@ -151,12 +151,32 @@ def test_dataset_items(cases, tmp_path):
     assert "labels" not in ImageReportDataset(records, tags, CFG)[0]
 
 
+def _batch(ds, indices):
+    from torch.utils.data import default_collate
+
+    items = [ds[i] for i in indices]
+    keys = [k for k in ("image", "body_mask", "labels", "index") if k in items[0]]
+    return {k: default_collate([it[k] for it in items]) for k in keys}
+
+
 def test_dataset_augmentation_seeded(cases):
+    """Items are never augmented; augment_batch draws per (seed, epoch, index): the same sample
+    gets the same draw in any batch, a new one in the next epoch, and images and labels move together."""
     records, tags, labels = cases
     ds = ImageReportDataset(records, tags, CFG, train=True, augment={"affine_prob": 1}, label_paths=labels)
-    a = ds.set_random_state(5)[0]
-    b = ds.set_random_state(5)[0]
-    assert torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
+    plain = ImageReportDataset(records, tags, CFG, label_paths=labels)
+    assert torch.equal(ds[0]["image"], plain[0]["image"])
+    whole = ds.augment_batch(_batch(ds, [0, 1, 2]))
+    alone = ds.augment_batch(_batch(ds, [2]))
+    assert not torch.equal(whole["image"][2], plain[2]["image"])
+    assert torch.equal(whole["image"][2], alone["image"][0]) and torch.equal(
+        whole["labels"][2], alone["labels"][0]
+    )
+    assert whole["labels"].dtype == torch.int16 and whole["body_mask"].dtype == torch.bool
+    ds.set_epoch(1)
+    assert not torch.equal(ds.augment_batch(_batch(ds, [2]))["image"][0], alone["image"][0])
+    assert plain.augment_batch(_batch(plain, [2])) is not None
+    assert torch.equal(plain.augment_batch(_batch(plain, [2]))["image"][0], plain[2]["image"])
 
 
 def test_build_datasets_passes_augment_options(cases, tmp_path):
@@ -188,11 +208,11 @@ def test_build_datasets_passes_augment_options(cases, tmp_path):
     vocab = load_vocabulary(cfg.data.vocabulary)
     quiet = build_datasets(cfg, vocab).train
     plain = ImageReportDataset(quiet.records, quiet.tags, quiet.preprocess, cache_dir=tmp_path / "cache")
-    assert torch.equal(quiet[0]["image"], plain[0]["image"])
+    assert torch.equal(quiet.augment_batch(_batch(quiet, [0]))["image"][0], plain[0]["image"])
     noisy = build_datasets(
         load_config(PretrainConfig, None, [*base, "data.augment_options={noise_prob: 1}"]), vocab
-    )
-    assert not torch.equal(noisy.train[0]["image"], plain[0]["image"])
+    ).train
+    assert not torch.equal(noisy.augment_batch(_batch(noisy, [0]))["image"][0], plain[0]["image"])
     with pytest.raises(ConfigError, match=r"data\.augment_options: unknown key 'rotate'.*rotate_deg"):
         load_config(PretrainConfig, None, [*base, "data.augment_options={rotate: 5}"])
     with pytest.raises(ConfigError, match=r"data\.augment_options\.noise_prob must be in \[0, 1\]"):

@@ -47,8 +47,12 @@ class ResCNNEncoder(ImageEncoder):
         in_channels: input channels (1 for CT).
         channels: output channels of each stage; also the feature pyramid's channels.
         strides: stride of each stage's first convolution (same length as ``channels``).
-        num_res_units: residual units after each stage's strided convolution (0: plain conv net).
+        num_res_units: residual units after each stage's strided convolution (0: plain conv net);
+            one number for every stage, or one per stage.
         kernel_size: convolution kernel size (odd).
+        stem: the first stage's strided convolution: ``"conv"`` (``kernel_size``, padded, as every
+            stage) or ``"patch"`` (kernel = stride, no padding: non-overlapping patches, as the
+            patch embedding of a ViT; cheaper, and no padding at the volume border).
         norm: MONAI norm name or ``(name, kwargs)``, e.g. ``"instance"``, ``"batch"``.
         act: MONAI activation name or ``(name, kwargs)``.
         dropout: dropout probability inside the blocks.
@@ -67,12 +71,13 @@ class ResCNNEncoder(ImageEncoder):
         in_channels: int = 1,
         channels: Sequence[int] = (16, 32, 64, 128),
         strides: Sequence[int] = (1, 2, 2, 2),
-        num_res_units: int = 2,
+        num_res_units: int | Sequence[int] = 2,
         kernel_size: int = 3,
         norm: str | tuple = "instance",
         act: str | tuple = "prelu",
         dropout: float = 0.0,
         padding_mode: str = "replicate",
+        stem: str = "conv",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -85,8 +90,13 @@ class ResCNNEncoder(ImageEncoder):
             raise ValueError(
                 f"strides={tuple(strides)} must hold one positive int per stage ({len(channels)} stages)"
             )
-        if num_res_units < 0:
-            raise ValueError(f"num_res_units={num_res_units} must be >= 0")
+        units = [num_res_units] * len(channels) if isinstance(num_res_units, int) else list(num_res_units)
+        if len(units) != len(channels) or any(not isinstance(u, int) or u < 0 for u in units):
+            raise ValueError(
+                f"num_res_units={num_res_units} must be an int >= 0 or one per stage ({len(channels)} stages)"
+            )
+        if stem not in ("conv", "patch"):
+            raise ValueError(f"stem={stem!r} must be 'conv' or 'patch'")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size={kernel_size} must be a positive odd int")
         if not 0.0 <= dropout < 1.0:
@@ -99,12 +109,13 @@ class ResCNNEncoder(ImageEncoder):
             "in_channels": in_channels,
             "channels": [int(c) for c in channels],
             "strides": [int(s) for s in strides],
-            "num_res_units": num_res_units,
+            "num_res_units": num_res_units if isinstance(num_res_units, int) else units,
             "kernel_size": kernel_size,
             "norm": norm,
             "act": act,
             "dropout": dropout,
             "padding_mode": padding_mode,
+            **({"stem": stem} if stem != "conv" else {}),
         }
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -119,9 +130,10 @@ class ResCNNEncoder(ImageEncoder):
         block = {"kernel_size": kernel_size, "norm": norm, "act": act, "dropout": dropout or None}
         self.stages = nn.ModuleList()
         prev = in_channels
-        for c, s in zip(channels, strides, strict=True):
-            layers: list[nn.Module] = [Convolution(spatial_dims, prev, c, strides=s, **block)]
-            layers += [ResidualUnit(spatial_dims, c, c, subunits=2, **block) for _ in range(num_res_units)]
+        for i, (c, s, n) in enumerate(zip(channels, strides, units, strict=True)):
+            first = {**block, "kernel_size": int(s)} if (i == 0 and stem == "patch") else block
+            layers: list[nn.Module] = [Convolution(spatial_dims, prev, c, strides=s, **first)]
+            layers += [ResidualUnit(spatial_dims, c, c, subunits=2, **block) for _ in range(n)]
             self.stages.append(nn.Sequential(*layers))
             prev = c
         set_padding_mode(self, padding_mode)

@@ -176,6 +176,9 @@ class SegmenterBase(nn.Module):
     ``self._decoder_config`` (see :meth:`decoder_config`).
     """
 
+    #: whether the logits depend on ``task``: inference runs one pass per task only for such models
+    task_conditioned: bool = False
+
     def __init__(
         self,
         encoder: ImageEncoder,

@@ -198,6 +198,8 @@ class MOCTransSegmenter(UNetSegmenter):
             attention cost 3x the rest of the network in a CPU profile at 64 x 64 x 48).
     """
 
+    task_conditioned = True
+
     def __init__(
         self,
         encoder: ImageEncoder,

@@ -78,6 +78,19 @@ def _finetune(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _preprocess(sub) -> None:
+    from mosmos.cli import preprocess as preprocess_cli  # light: the stages load inside the command
+
+    p = sub.add_parser(
+        "preprocess",
+        help="fill a pretrain or finetune config's preprocessing cache: parallel, sharded, resumable",
+        description=preprocess_cli.__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    preprocess_cli.add_arguments(p)
+    p.set_defaults(func=preprocess_cli.run)
+
+
 def _evaluate(sub) -> None:
     from mosmos.finetune import evaluate  # light at import: the models load inside the command
 
@@ -145,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         _synth,
         _check,
         _tags,
+        _preprocess,
         _pretrain,
         _finetune,
         _evaluate,

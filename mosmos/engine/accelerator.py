@@ -21,7 +21,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: str | Path) -> Accelerator:
     """The Accelerator a run uses: precision as :func:`~mosmos.engine.precision.run_precision` grants,
     TensorBoard logs under ``output_dir/logs``, and a process group on CPUs when launched on several."""
     # accelerate is imported here, not at the top: configs import TrainConfig and need none of it
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
@@ -38,6 +38,8 @@ def make_accelerator(cfg: TrainConfig, output_dir: str | Path) -> Accelerator:
     return Accelerator(
         cpu=distributed_cpu,
         gradient_accumulation_steps=cfg.grad_accum,
+        # host-to-GPU copies of (pinned) batches that do not wait for the GPU
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
         mixed_precision=precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(

@@ -23,7 +23,9 @@ class TrainConfig:
     # autocast: fp16 on GPUs; bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX, see
     # mosmos.engine.precision), elsewhere full precision
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    num_workers: int = 0  # DataLoader workers per process
+    # DataLoader workers per process; auto: 1 on a CPU-only machine, up to 8 beside a GPU
+    # (mosmos.engine.autotune.resolve_num_workers)
+    num_workers: int | Literal["auto"] = "auto"
     checkpoint_every: int = 200  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept
     resume: str | None = None  # "latest", a checkpoint directory, or null
@@ -31,9 +33,11 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations
     max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
     deterministic: bool = False  # torch deterministic algorithms (for exact-resume checks)
-    # store convolution weights channels-last (NDHWC): faster 3D convolutions on CPU (oneDNN) and on
-    # recent GPUs; same numbers up to float rounding, same checkpoints (mosmos.channels_last)
-    channels_last: bool = False
+    # store convolution weights channels-last (NDHWC): much faster or much slower 3D convolutions
+    # depending on the machine and the layer shapes; same numbers up to float rounding, same
+    # checkpoints (mosmos.channels_last). auto: time both on the first batch and keep the faster
+    # (mosmos.engine.autotune)
+    channels_last: bool | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first key whose value is out of range."""
@@ -44,7 +48,7 @@ class TrainConfig:
             "train.weight_decay": self.weight_decay >= 0,
             "train.warmup_steps": self.warmup_steps >= 0,
             "train.grad_accum": self.grad_accum >= 1,
-            "train.num_workers": self.num_workers >= 0,
+            "train.num_workers": self.num_workers == "auto" or self.num_workers >= 0,
             "train.checkpoint_every": self.checkpoint_every >= 1,
             "train.keep_checkpoints": self.keep_checkpoints >= 1,
             "train.log_every": self.log_every >= 1,

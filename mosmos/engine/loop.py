@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
 from mosmos.channels_last import to_channels_last
 from mosmos.engine import checkpoints
 from mosmos.engine.accelerator import make_accelerator
+from mosmos.engine.autotune import choose_channels_last, resolve_num_workers
 from mosmos.engine.config import TrainConfig
 from mosmos.engine.sampler import make_train_loader
 from mosmos.engine.schedule import cosine_with_warmup, make_optimizer
@@ -83,6 +84,9 @@ class Engine:
         self.interrupted = False
         self.bad_steps = 0  # non-finite steps in a row
         self.running: dict[str, float] = {}  # loss sums since the last log line
+        # seconds waiting for the loader and in steps: since the last log line, and in all
+        self.timing = {"data_s": 0.0, "step_s": 0.0}
+        self.timing_total = {"data_s": 0.0, "step_s": 0.0, "batches": 0}
 
     def fit(self) -> list[dict]:
         """Train to ``total_steps``, evaluating every ``eval_every`` epochs; returns the metric history."""
@@ -122,11 +126,25 @@ class Engine:
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:
         """Build the loader, optimizer and schedule, let accelerate place them; set ``total_steps``."""
-        cfg, task = self.cfg, self.task
+        cfg, task, acc = self.cfg, self.task, self.accelerator
+        self.num_workers = resolve_num_workers(cfg.num_workers, acc.device)
         loader = make_train_loader(
-            task.train_dataset, cfg.batch_size, task.collate_fn, cfg.num_workers, self.seed
+            task.train_dataset,
+            cfg.batch_size,
+            task.collate_fn,
+            self.num_workers,
+            self.seed,
+            pin_memory=acc.device.type == "cuda",
         )
-        if cfg.channels_last:
+        self.channels_last = choose_channels_last(
+            cfg.channels_last,
+            task.model.to(acc.device),
+            self._trial_step(),
+            self.output_dir,
+            reduce_mean=lambda t: acc.reduce(t.to(acc.device), "mean").cpu(),
+            is_main_process=acc.is_main_process,
+        )
+        if self.channels_last:
             to_channels_last(task.model)
         optimizer = make_optimizer(
             task.model,
@@ -143,6 +161,24 @@ class Engine:
         # accelerate reads registered objects back with torch.load(weights_only=False), which would run
         # whatever a tampered checkpoint pickled. Everything else it loads is safetensors or weights_only.
 
+    def _trial_step(self) -> Callable[[torch.nn.Module], torch.Tensor]:
+        """The loss of a real training batch (the first items of the training set), as a function of
+        the model: what ``train.channels_last: auto`` times."""
+        from accelerate.utils import send_to_device
+
+        cache: dict[str, Any] = {}
+
+        def run(model: torch.nn.Module) -> torch.Tensor:
+            if "batch" not in cache:
+                data, n = self.task.train_dataset, min(self.cfg.batch_size, len(self.task.train_dataset))
+                items = [data[i] for i in range(n)]
+                batch = self.task.collate_fn(items) if self.task.collate_fn else default_collate(items)
+                cache["batch"] = send_to_device(batch, self.accelerator.device)
+            with self.accelerator.autocast():
+                return self.task.step(model, cache["batch"])["loss"]
+
+        return run
+
     # ----------------------------------------------------------------- loop
     def _train_epoch(self, bar: tqdm) -> bool:
         """Train on the rest of the current epoch; False when training stopped inside it (last step
@@ -154,8 +190,15 @@ class Engine:
             self.task.train_dataset.set_epoch(self.epoch)
         loader = acc.skip_first_batches(self.loader, self.batches_done) if self.batches_done else self.loader
         loader.set_epoch(self.epoch)
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            fetched = time.perf_counter()
             losses, fault = self._step(batch)
+            self._time(fetched - start, time.perf_counter() - fetched)
             self.batches_done += 1
             if fault is not None:
                 self._skip_faulty_step(fault)
@@ -193,6 +236,18 @@ class Engine:
                     self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return losses, fault
+
+    def _time(self, data_s: float, step_s: float) -> None:
+        for record in (self.timing, self.timing_total):
+            record["data_s"] += data_s
+            record["step_s"] += step_s
+        self.timing_total["batches"] += 1
+
+    @property
+    def data_wait_share(self) -> float:
+        """Share of the training wall time spent waiting for batches, over the whole run so far."""
+        total = self.timing_total["data_s"] + self.timing_total["step_s"]
+        return self.timing_total["data_s"] / total if total > 0 else 0.0
 
     def _skip_faulty_step(self, fault: str) -> None:
         """Count a skipped step; ``max_bad_steps`` in a row save the last good state and stop the run."""
@@ -251,8 +306,20 @@ class Engine:
         n = self.cfg.log_every * self.cfg.grad_accum
         logs = {f"train/{k}": v / n for k, v in self.running.items()}
         logs["train/lr"] = self.scheduler.get_last_lr()[0]
+        # what the loader costs: a share near 0 means the model, not the data, sets the pace
+        elapsed = self.timing["data_s"] + self.timing["step_s"]
+        if elapsed > 0:
+            logs["perf/data_wait_share"] = self.timing["data_s"] / elapsed
+            logs["perf/seconds_per_step"] = elapsed / self.cfg.log_every
+        self.timing = {"data_s": 0.0, "step_s": 0.0}
         self.accelerator.log(logs, step=self.global_step)
-        bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in logs.items() if k != "train/lr"})
+        bar.set_postfix(
+            {
+                k.split("/")[1]: f"{v:.3f}"
+                for k, v in logs.items()
+                if k.startswith("train/") and k != "train/lr"
+            }
+        )
         self.running = {}
 
     def _evaluate(self) -> None:
@@ -288,7 +355,12 @@ class Engine:
         latest = checkpoints.list_checkpoints(self.output_dir)
         if not latest or latest[0].name != checkpoints.checkpoint_name(self.global_step):
             self.save_checkpoint()
-        self.accelerator.print(f"done: {self.global_step} steps in {time.time() - start:.0f}s")
+        self.accelerator.print(
+            f"done: {self.global_step} steps in {time.time() - start:.0f}s "
+            f"({self.data_wait_share:.1%} of the training time waiting for data, "
+            f"{self.num_workers} loader worker(s), "
+            f"{'channels-last' if self.channels_last else 'default'} layout)"
+        )
 
     # ---------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

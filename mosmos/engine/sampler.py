@@ -31,7 +31,12 @@ class EpochSampler(Sampler[int]):
 
 
 def make_train_loader(
-    dataset: Dataset, batch_size: int, collate_fn: Callable | None, num_workers: int, seed: int
+    dataset: Dataset,
+    batch_size: int,
+    collate_fn: Callable | None,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Full batches of ``dataset`` in :class:`EpochSampler` order (the loader's ``set_epoch`` reaches it
     once accelerate has prepared it); raises :class:`MosmosError` when not even one batch fits."""
@@ -42,6 +47,10 @@ def make_train_loader(
         collate_fn=collate_fn,
         num_workers=num_workers,
         drop_last=True,
+        pin_memory=pin_memory,  # page-locked batches: host-to-GPU copies that overlap compute
+        # two batches ahead per worker; workers are not kept between epochs, so each epoch's copy of
+        # the dataset carries the epoch its items are seeded with
+        prefetch_factor=2 if num_workers > 0 else None,
         # its own generator: creating an iterator draws a worker seed from it, and drawing from the
         # global RNG would make dropout after a resume differ from the uninterrupted run
         generator=torch.Generator().manual_seed(seed),
