@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, format_rows, row, synth
@@ -143,7 +144,8 @@ def measure_stage(stage: str, quick: bool, device: str, work: Path, extra: list[
 
     data = work / "data"
     if not (data / "synth.json").is_file():
-        synth(data, pretrain_cases=64 if quick else 600, seg_cases=4 if quick else 20, workers=2)
+        # quick: 160 pairs, 8 batches an epoch (with fewer, the worker start of every epoch dominates)
+        synth(data, pretrain_cases=160 if quick else 600, seg_cases=4 if quick else 20, workers=2)
     warm, timed = (3, 8) if quick else (5, 30)
     cfg = _stage_config(stage, data, work, warm + timed, list(extra))
     if device == "cpu":  # accelerate reads it when it builds the Accelerator
@@ -161,7 +163,8 @@ def measure_stage(stage: str, quick: bool, device: str, work: Path, extra: list[
     items = [task.train_dataset[i] for i in range(cfg.train.batch_size)]
     from accelerate.utils import send_to_device
 
-    batch = send_to_device(task.collate_fn(items), accelerator.device)
+    collate = task.collate_fn or default_collate
+    batch = send_to_device(collate(items), accelerator.device)
     flops = count_flops(lambda: task.step(model, batch)["loss"].backward())
     model.zero_grad(set_to_none=True)
     cache_s, fresh_s, n = _cache_epoch(stage, engine, 16 if quick else 64)

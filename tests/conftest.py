@@ -65,7 +65,6 @@ NUMERICS_FILES = {
     "test_engine.py",
     "test_export.py",
     "test_finetune_metrics.py",
-    "test_learning.py",
     "test_losses.py",
     "test_models_encoders.py",
     "test_models_pretrain.py",

@@ -121,11 +121,40 @@ def test_registry_families_and_duplicates(monkeypatch):
         ({"norm": "instance", "padding_mode": "edge"}, "padding_mode"),
         ({"dropout": 1.5}, "dropout"),
         ({"spatial_dims": 2}, "spatial_dims"),
+        ({"channels": (4, 8), "strides": (2, 2), "num_res_units": (1, 1, 1)}, "num_res_units"),
+        ({"num_res_units": -1}, "num_res_units"),
+        ({"stem": "pixel"}, "stem"),
     ],
 )
 def test_rescnn_rejects_bad_arguments(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         create_image_encoder("rescnn3d", **kwargs)
+
+
+def test_patch_stem_and_per_stage_units():
+    """stem=patch: the first convolution cuts non-overlapping 2x2x2 patches (each output voxel sees
+    only its own patch); num_res_units per stage; the config rebuilds the same network."""
+    kwargs = {"channels": (4, 8, 8), "strides": (2, 2, 2), "num_res_units": (0, 1, 2), "stem": "patch"}
+    encoder = create_image_encoder("rescnn3d", **kwargs, norm=None)
+    first = next(m for m in encoder.modules() if isinstance(m, nn.Conv3d))
+    assert first.kernel_size == (2, 2, 2) and first.stride == (2, 2, 2) and first.padding == (0, 0, 0)
+    units = [sum(type(m).__name__ == "ResidualUnit" for m in stage) for stage in encoder.stages]
+    assert units == [0, 1, 2]
+    x = torch.zeros(1, 1, 16, 16, 8)
+    x[0, 0, 4:6, 6:8, 2:4] = 1.0  # exactly one 2x2x2 patch: output voxel (2, 3, 1)
+    with torch.no_grad():
+        f = encoder.forward_features(x)[0]
+        base = encoder.forward_features(torch.zeros_like(x))[0]
+    changed = (f - base).abs().sum(1)[0].nonzero().tolist()
+    assert changed == [[2, 3, 1]]
+    config = encoder.encoder_config()
+    assert config["num_res_units"] == [0, 1, 2] and config["stem"] == "patch"
+    rebuilt = create_image_encoder("rescnn3d", **config)
+    rebuilt.load_state_dict(encoder.state_dict())  # strict: the same parameters
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.forward_features(x)[0], f, rtol=0, atol=0)
+    # the default stem records nothing new: exports written before it existed read the same
+    assert "stem" not in create_image_encoder("rescnn3d", **TINY["rescnn3d"][0]).encoder_config()
 
 
 def test_swin_rejects_indivisible_heads_and_input():

@@ -131,7 +131,7 @@ class ResCNNEncoder(ImageEncoder):
         self.stages = nn.ModuleList()
         prev = in_channels
         for i, (c, s, n) in enumerate(zip(channels, strides, units, strict=True)):
-            first = {**block, "kernel_size": int(s)} if (i == 0 and stem == "patch") else block
+            first = {**block, "kernel_size": int(s), "padding": 0} if (i == 0 and stem == "patch") else block
             layers: list[nn.Module] = [Convolution(spatial_dims, prev, c, strides=s, **first)]
             layers += [ResidualUnit(spatial_dims, c, c, subunits=2, **block) for _ in range(n)]
             self.stages.append(nn.Sequential(*layers))
