@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mosmos.errors import ConfigError, DataError
+from mosmos.errors import ConfigError, DataError, root_cause
 from mosmos.io import atomic_path, atomic_write_bytes, write_json
 from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_preprocess
 
@@ -273,8 +273,7 @@ class Predictor:
 
 
 def _root_cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    exc = root_cause(exc)
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -38,7 +38,7 @@ from monai.utils import convert_to_tensor, look_up_option
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mosmos.errors import ConfigError, MosmosError
+from mosmos.errors import ConfigError, MosmosError, root_cause
 from mosmos.io import atomic_path
 from mosmos.transforms import PreprocessConfig
 
@@ -213,15 +213,6 @@ def shard_from_env() -> tuple[int, int]:
         ) from None
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of a chain (MONAI wraps errors raised inside transforms)."""
-    seen = set()
-    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return exc
-
-
 def _reason(cause: BaseException) -> str:
     """``Type: message`` of an error, without the tracebacks MONAI's ``LoadImage`` pastes into its
     message (one per reader tried): the first reader's own error line stands for them."""
@@ -253,7 +244,7 @@ class _FillJobs(torch.utils.data.Dataset):
         try:
             return ds.fill(i, self.verify), path, ""
         except Exception as exc:  # reported by the caller, naming the input; the other jobs go on
-            cause, item = _root_cause(exc), ds.data[i]
+            cause, item = root_cause(exc), ds.data[i]
             if isinstance(cause, MosmosError):
                 return "failed", path, str(cause)
             where = " + ".join(map(str, item.values())) if isinstance(item, dict) else str(item)

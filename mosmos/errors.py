@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (MONAI wraps errors raised inside transforms several
+    levels deep); a cycle in the chain ends the walk."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 class MosmosError(Exception):
     """A problem with the user's input (file, config, data). The CLI prints it without a traceback."""
 

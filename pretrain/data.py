@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from mosmos.batch_augment import BatchAugment
 from mosmos.cache import cache_key, cached_dataset
-from mosmos.errors import ConfigError, DataError
+from mosmos.errors import ConfigError, DataError, root_cause
 from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_preprocess
 
 logger = logging.getLogger("mosmos")
@@ -64,15 +64,6 @@ def derangement(n: int, seed: int) -> np.ndarray:
             return perm
 
 
-def _innermost(e: BaseException) -> BaseException:
-    """The root cause of an exception chain (MONAI wraps errors raised inside transforms)."""
-    seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return e
-
-
 def _plain(x: Any) -> torch.Tensor:
     """Drop MetaTensor meta: cached and freshly computed items then look the same to collation."""
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
@@ -91,9 +82,9 @@ class ImageReportDataset(Dataset):
         augment: overrides of the augmentation defaults.
         label_paths: optional ground-truth organ label maps, one per record, for the pointing game.
 
-    Items are the cached, preprocessed volumes: with ``train=True`` the training step augments the
-    collated batch with :meth:`augment_batch` on the training device (one pass for the whole batch,
-    instead of per item in the loader), each sample's draw seeded from (seed, epoch, index) (see
+    Items are the cached, preprocessed volumes, never augmented: with ``train=True`` a collated batch
+    is augmented as a whole by :meth:`augment_batch` (stage 1 calls it in the loader's collation on a
+    CPU and inside the step on a GPU), each sample's draw seeded from (seed, epoch, index) (see
     :meth:`set_epoch`), so draws are reproducible for any batch, worker count or resume point.
 
     Items: ``image`` float32 ``[1, *size]`` in [0, 1], ``body_mask`` bool ``[1, *size]``, ``tags``
@@ -179,7 +170,7 @@ class ImageReportDataset(Dataset):
         except DataError:
             raise
         except Exception as e:  # MONAI wraps the real cause in RuntimeError("applying transform ...")
-            cause = _innermost(e)
+            cause = root_cause(e)
             if isinstance(cause, DataError):
                 raise cause from None
             where = self.records[index]["image"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mosmos.cli import main as cli
-from mosmos.cli.preprocess import _cached_volumes, fill_cache, load_stage_config
+from mosmos.cli.preprocess import fill_cache, load_stage_config
 from mosmos.config import load_config
 from mosmos.errors import ConfigError
 from mosmos.pretrain.config import PretrainConfig
@@ -66,7 +66,7 @@ def test_pretrain_entries_are_filled_and_training_reads_them_as_they_are(filled,
     # training builds its datasets and reads every volume from the cache, computing none
     data = build_datasets(cfg, load_vocabulary(cfg.data.vocabulary, cfg.data.organs))
     for split in (data.train, data.val):
-        _no_recompute(_cached_volumes(split))
+        _no_recompute(split.cached_volumes)
         items = [split[i] for i in range(len(split))]
         assert all(item["image"].shape == (1, 32, 32, 16) for item in items)
     assert len(data.train) + len(data.val) == N_PRETRAIN
@@ -208,7 +208,7 @@ def test_training_rebuilds_a_corrupt_entry_it_reads(filled, tiny_synth, tmp_path
     shutil.copytree(Path(filled[0].data.cache_dir), cache)
     cfg = _pretrain_cfg(tiny_synth, tmp_path)
     data = build_datasets(cfg, load_vocabulary(cfg.data.vocabulary, cfg.data.organs))
-    volumes = _cached_volumes(data.val)
+    volumes = data.val.cached_volumes
     damaged = [volumes.entry_path(i) for i in range(3)]
     _damage(damaged)
     with caplog.at_level(logging.WARNING, logger="mosmos"):

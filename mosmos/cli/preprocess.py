@@ -126,12 +126,6 @@ def load_stage_config(
     raise ConfigError(f"{config}: cannot tell a pretrain from a finetune config ({why}); pass --stage")
 
 
-def _cached_volumes(dataset: Any) -> Any:
-    """The on-disk cached dataset under a stage 1 ``ImageReportDataset``."""
-    volumes = getattr(dataset, "cached_volumes", None)
-    return volumes if volumes is not None else dataset._volumes
-
-
 def cached_datasets(cfg: Any) -> list:
     """The cached datasets a training run with ``cfg`` reads, built by the stage's own functions
     (which check the table, datasets and images first, as training does)."""
@@ -143,7 +137,7 @@ def cached_datasets(cfg: Any) -> list:
         from mosmos.pretrain.data import build_datasets
 
         data = build_datasets(cfg, load_vocabulary(cfg.data.vocabulary, cfg.data.organs))
-        return [_cached_volumes(data.train), _cached_volumes(data.val)]
+        return [data.train.cached_volumes, data.val.cached_volumes]
     if isinstance(cfg, FinetuneConfig):
         from mosmos.finetune.data import build_seg_data, cached_train_cases, load_preprocess
 

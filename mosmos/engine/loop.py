@@ -86,7 +86,7 @@ class Engine:
         self.running: dict[str, float] = {}  # loss sums since the last log line
         # seconds waiting for the loader and in steps: since the last log line, and in all
         self.timing = {"data_s": 0.0, "step_s": 0.0}
-        self.timing_total = {"data_s": 0.0, "step_s": 0.0, "batches": 0}
+        self.timing_total = {"data_s": 0.0, "step_s": 0.0}
 
     def fit(self) -> list[dict]:
         """Train to ``total_steps``, evaluating every ``eval_every`` epochs; returns the metric history."""
@@ -241,7 +241,6 @@ class Engine:
         for record in (self.timing, self.timing_total):
             record["data_s"] += data_s
             record["step_s"] += step_s
-        self.timing_total["batches"] += 1
 
     @property
     def data_wait_share(self) -> float:
