@@ -3,11 +3,15 @@
 Strategies (see :data:`STRATEGIES`):
 
 * ``random``: no pretraining.
-* ``mosmos``: stage 1 as configured (contrastive + tags); ``mosmos+attention`` uses the same
-  encoder and also feeds its pixel-tag attention maps to the decoder.
+* ``mosmos``: stage 1 with the paper's objective (contrastive + organ tags through pixel-tag
+  attention, both training the image encoder: ``train.variants=[]``, whatever the stage 1 config
+  lists); ``mosmos+attention`` uses the same encoder and also feeds its pixel-tag attention maps to
+  the decoder.
+* ``mosmos_variant``: the paper's objective with the departures named in ``objective_variants``
+  (e.g. ``[lit, pooled_tags]``), reported beside ``mosmos``.
 * ``contrastive_only`` / ``tags_only``: stage 1 with the tag terms / the contrastive term off.
-* ``shuffled_tags``: the same stage 1 with every scan paired with another scan's report: the same
-  compute without the true pairing (the control a report-supervision gain must beat).
+* ``shuffled_tags``: the ``mosmos`` stage 1 with every scan paired with another scan's report: the
+  same compute without the true pairing (the control a report-supervision gain must beat).
 * ``multidataset``: supervised stage 2 pretraining on ``data.other_datasets``; its encoder is
   exported in the stage 1 format and initialises the target run.
 * ``checkpoint:PATH``: any encoder a user brings (a stage 1 run directory or encoder.safetensors).
@@ -29,26 +33,27 @@ __all__ = [
     "BenchmarkData",
     "BenchmarkEval",
     "BenchmarkTrain",
+    "budget_label",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint:"
 #: Stage 1 overrides of each pretraining variant, applied after ``pretrain_overrides``.
 STAGE1_VARIANTS: dict[str, list[str]] = {
-    "mosmos": [],
-    # the encoder learns through the image embedding here, whatever share the base config lets through
+    "mosmos": ["train.variants=[]"],
+    "mosmos_variant": [],  # train.variants is set from BenchmarkConfig.objective_variants
+    # the ablations and the control start from the paper's objective, whatever the stage 1 config lists
     "contrastive_only": [
         "train.tag_weight=0",
-        "train.embedding_tag_weight=0",
-        "train.pooled_tag_weight=0",
-        "train.image_embedding_grad=1",
+        "train.variants=[]",
     ],
-    "tags_only": ["train.contrastive_weight=0", "train.embedding_tag_weight=0"],
-    "shuffled_tags": ["data.shuffle_reports=true"],
+    "tags_only": ["train.variants=[]", "train.contrastive_weight=0"],
+    "shuffled_tags": ["train.variants=[]", "data.shuffle_reports=true"],
 }
 #: Strategy -> the pretraining variant whose encoder initialises it (None: no pretraining).
 STRATEGY_VARIANT: dict[str, str | None] = {
     "random": None,
     "mosmos": "mosmos",
+    "mosmos_variant": "mosmos_variant",
     "contrastive_only": "contrastive_only",
     "tags_only": "tags_only",
     "mosmos+attention": "mosmos",
@@ -56,6 +61,14 @@ STRATEGY_VARIANT: dict[str, str | None] = {
     "shuffled_tags": "shuffled_tags",
 }
 STRATEGIES = tuple(STRATEGY_VARIANT)
+
+
+def budget_label(budget: str) -> str:
+    """``n4`` -> ``4 labelled cases``, ``f0.25`` -> ``fraction 0.25``."""
+    if budget.startswith("n"):
+        n = int(budget[1:])
+        return f"{n} labelled case{'s' if n != 1 else ''}"
+    return f"fraction {budget[1:]}"
 
 
 @dataclass
@@ -71,16 +84,20 @@ class BenchmarkData:
 
 @dataclass
 class BenchmarkTrain:
-    # evaluations without improvement before a cell stops; only null (a fixed budget) is supported:
-    # every cell trains the fine-tuning config's train.epochs and is scored at its best validation
+    # validation evaluations without improvement of the mean Dice before a cell stops (the fine-tuning
+    # config's train.epochs / max_steps is then the cap); null: every cell trains the whole budget.
+    # Every cell is scored with its best-validation weights either way.
     early_stopping_patience: int | None = None
+    # dotted fine-tuning overrides of the cells that start from a pretrained encoder (the transfer
+    # recipe every pretrained strategy shares, e.g. [train.freeze_encoder_steps=50,
+    # train.encoder_lr_scale=0.3]), and of the random-initialisation cells (their own best recipe)
+    pretrained_overrides: list[str] = field(default_factory=list)
+    random_overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.early_stopping_patience is not None:
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ConfigError(
-                f"train.early_stopping_patience={self.early_stopping_patience}: early stopping is not "
-                "available yet; set it to null: every cell then trains the same fixed budget (the "
-                "fine-tuning config's train.epochs) and is scored with its best-validation weights"
+                f"train.early_stopping_patience={self.early_stopping_patience} must be >= 1 or null"
             )
 
 
@@ -100,14 +117,28 @@ class BenchmarkConfig:
     # multidataset, shuffled_tags, checkpoint:PATH
     strategies: list[str] = field(default_factory=lambda: ["random", "mosmos", "shuffled_tags"])
     fractions: list[float] = field(default_factory=lambda: [0.25, 1.0])  # shares of target training cases
+    # numbers of labelled target training cases (nested, seeded subsets; e.g. [1, 2, 4, 8]): a label
+    # budget axis beside (or instead of) fractions
+    label_cases: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning seeds (and case subsets)
+    # pretraining seeds, one per fine-tuning seed (cell seed i uses pretraining seed i, so a seed
+    # resamples both); null: one pretraining run per variant, with `seed`
+    pretrain_seeds: list[int] | None = None
     pretrain_config: str | None = None  # stage 1 YAML of the pretraining variants
     pretrain_overrides: list[str] = field(default_factory=list)  # dotted overrides of it
+    # the departures from the paper's objective of the mosmos_variant strategy (train.variants of
+    # stage 1, see mosmos.pretrain.config.OBJECTIVE_VARIANTS)
+    objective_variants: list[str] = field(default_factory=list)
     finetune_config: str | None = None  # stage 2 YAML of every cell (and of multidataset pretraining)
     finetune_overrides: list[str] = field(default_factory=list)  # dotted overrides of it
     multidataset_overrides: list[str] = field(default_factory=list)  # extra ones for multidataset only
     train: BenchmarkTrain = field(default_factory=BenchmarkTrain)
     eval: BenchmarkEval = field(default_factory=BenchmarkEval)
+
+    @property
+    def budgets(self) -> list[str]:
+        """The label budgets, smallest first: ``n<count>`` for label_cases, then ``f<share>``."""
+        return [f"n{n}" for n in sorted(self.label_cases)] + [f"f{f:g}" for f in sorted(self.fractions)]
 
     def validate(self) -> None:
         if not self.strategies:
@@ -120,13 +151,26 @@ class BenchmarkConfig:
                 raise ConfigError(
                     f"strategies: unknown strategy {name!r}; valid: {[*STRATEGIES, 'checkpoint:PATH']}"
                 )
-        for key, values in (("strategies", self.strategies), ("fractions", self.fractions)):
+        for key, values in (
+            ("strategies", self.strategies),
+            ("fractions", self.fractions),
+            ("label_cases", self.label_cases),
+        ):
             if len(set(values)) != len(values):
                 raise ConfigError(f"{key}: {values} lists a value twice")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: {self.seeds} lists a value twice")
-        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
-            raise ConfigError(f"fractions={self.fractions}: give one or more shares in (0, 1]")
+        if any(not 0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"fractions={self.fractions}: shares must be in (0, 1]")
+        if any(n < 1 for n in self.label_cases):
+            raise ConfigError(f"label_cases={self.label_cases}: counts of labelled cases must be >= 1")
+        if not self.fractions and not self.label_cases:
+            raise ConfigError("fractions and label_cases are both empty: give at least one label budget")
+        if self.pretrain_seeds is not None and len(self.pretrain_seeds) != len(self.seeds):
+            raise ConfigError(
+                f"pretrain_seeds={self.pretrain_seeds} must give one pretraining seed per fine-tuning seed "
+                f"(seeds={self.seeds}), or be null"
+            )
         if not self.seeds:
             raise ConfigError("seeds: at least one fine-tuning seed is needed, e.g. [0, 1, 2]")
         if not self.data.target:
@@ -140,6 +184,10 @@ class BenchmarkConfig:
             raise ConfigError(
                 "pretrain_config is required by the stage 1 strategies "
                 f"{[s for s in self.strategies if STRATEGY_VARIANT.get(s) in STAGE1_VARIANTS]}"
+            )
+        if "mosmos_variant" in variants and not self.objective_variants:
+            raise ConfigError(
+                "objective_variants is required by the mosmos_variant strategy, e.g. [lit, pooled_tags]"
             )
         if "multidataset" in variants and not self.data.other_datasets:
             raise ConfigError("data.other_datasets is required by the multidataset strategy")

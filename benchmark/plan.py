@@ -65,11 +65,15 @@ class Cell:
     """One stage 2 run of the grid."""
 
     strategy: str
-    fraction: float
+    budget: str  # f<share> or n<count> (see BenchmarkConfig.budgets)
     seed: int
     config: Any  # FinetuneConfig
     config_hash: str
-    variant: str | None  # the pretraining variant it needs
+    variant: str | None  # the key of the pretraining variant it needs (Plan.variants)
+
+    @property
+    def fraction(self) -> float:
+        return float(self.budget[1:]) if self.budget.startswith("f") else 1.0
 
     @property
     def dir(self) -> Path:
@@ -84,7 +88,7 @@ class Cell:
 class Plan:
     """Every run of a benchmark, resolved and checked before any work starts."""
 
-    variants: dict[str, Variant]
+    variants: dict[str, Variant]  # by key: the variant name, plus "@s<seed>" with pretrain_seeds
     cells: list[Cell]
 
 
@@ -97,8 +101,13 @@ def strategy_dirname(strategy: str) -> str:
     return f"checkpoint-{stem}-{hashlib.sha256(path.encode()).hexdigest()[:6]}"
 
 
-def cell_dirname(fraction: float, seed: int) -> str:
-    return f"f{fraction:g}_s{seed}"
+def cell_dirname(budget: str, seed: int) -> str:
+    """``f0.25_s0`` (a share of the training cases) or ``n4_s0`` (four labelled cases)."""
+    return f"{budget}_s{seed}"
+
+
+def variant_key(name: str, pretrain_seed: int | None) -> str:
+    return name if pretrain_seed is None else f"{name}@s{pretrain_seed}"
 
 
 def config_hash(cfg: Any, ignore: tuple[str, ...] = ("output_dir", "data.cache_dir", "train.resume")) -> str:
@@ -157,80 +166,130 @@ def _check_data(path: str, key: str) -> None:
 
 
 def make_plan(cfg: BenchmarkConfig) -> Plan:
-    """Resolve every pretraining variant and cell config; fails before any work on a bad key or path."""
+    """Resolve every pretraining variant and cell config; fails before any work on a bad key or path.
+
+    With ``pretrain_seeds``, each stage 1 (and multidataset) variant is trained once per pretraining
+    seed, and the cell of fine-tuning seed ``seeds[i]`` starts from pretraining seed
+    ``pretrain_seeds[i]``.
+    """
     out = Path(cfg.output_dir)
     cache = cfg.data.cache_dir or str(out / "cache")
     _check_data(cfg.data.target, "data.target")
     _check_data(cfg.data.test, "data.test")
     finetune_path = _find_file(str(cfg.finetune_config), "finetune_config")
+    pretrain_path = _find_file(str(cfg.pretrain_config), "pretrain_config") if cfg.pretrain_config else None
+
+    # every cell sees the volumes stage 1 saw (spacing, HU window, body threshold) unless the
+    # fine-tuning config sets them: a pretrained encoder's export carries them; random and
+    # multidataset cells get them here, so no strategy is compared at another voxel size
+    pretrain_data = {
+        key: value
+        for key, value in (
+            ("data.table", cfg.data.pretrain_table),
+            ("data.image_root", cfg.data.pretrain_image_root),
+            ("data.ground_truth", cfg.data.pretrain_ground_truth),
+        )
+        if value is not None
+    }
+    stage1_preprocess: dict[str, Any] = {}
+    if pretrain_path is not None:
+        p1 = _stage_config(
+            PretrainConfig, pretrain_path, cfg.pretrain_overrides, pretrain_data, "pretrain_overrides"
+        ).data
+        stage1_preprocess = {
+            "data.spacing": list(p1.spacing),
+            "data.hu_window": list(p1.hu_window),
+            "data.body_threshold_hu": p1.body_threshold_hu,
+        }
+    base_ft = _stage_config(
+        FinetuneConfig,
+        finetune_path,
+        cfg.finetune_overrides,
+        {"data.datasets": [cfg.data.target]},
+        "finetune_overrides",
+    )
+    preprocess_updates = {
+        k: v for k, v in stage1_preprocess.items() if getattr(base_ft.data, k.split(".")[1]) is None
+    }
 
     variants: dict[str, Variant] = {}
-    for name in dict.fromkeys(STRATEGY_VARIANT.get(s) for s in cfg.strategies):
-        if name is None:
-            continue
-        if name == "multidataset":
-            for i, path in enumerate(cfg.data.other_datasets):
-                _check_data(path, f"data.other_datasets[{i}]")
-            updates = {
-                "seed": cfg.seed,
-                "data.datasets": list(cfg.data.other_datasets),
-                "data.fraction": 1.0,
-                "model.init": "random",
-                "model.attention_maps": False,
-            }
-            overrides = [*cfg.finetune_overrides, *cfg.multidataset_overrides]
-            vcfg = _stage_config(
-                FinetuneConfig, finetune_path, overrides, updates, "finetune_overrides/multidataset_overrides"
-            )
-        else:
-            updates = {"seed": cfg.seed}
-            for key, value in (
-                ("data.table", cfg.data.pretrain_table),
-                ("data.image_root", cfg.data.pretrain_image_root),
-                ("data.ground_truth", cfg.data.pretrain_ground_truth),
-            ):
-                if value is not None:
-                    updates[key] = value
-            pretrain_path = _find_file(str(cfg.pretrain_config), "pretrain_config")
-            overrides = [*cfg.pretrain_overrides, *STAGE1_VARIANTS[name]]
-            vcfg = _stage_config(PretrainConfig, pretrain_path, overrides, updates, "pretrain_overrides")
-        digest = config_hash(vcfg)  # not over output_dir: a moved benchmark folder still matches
-        vcfg.output_dir = str(out / "pretrain" / f"{name}-{digest}")
-        vcfg.data.cache_dir = cache
-        vcfg.train.resume = "latest"
-        variants[name] = Variant(name, vcfg, digest)
+    pretrain_seeds: list[int | None] = list(cfg.pretrain_seeds) if cfg.pretrain_seeds is not None else [None]
+    names = [n for n in dict.fromkeys(STRATEGY_VARIANT.get(s) for s in cfg.strategies) if n is not None]
+    for name in names:
+        for pseed in pretrain_seeds:
+            variant_seed = cfg.seed if pseed is None else pseed
+            if name == "multidataset":
+                for i, path in enumerate(cfg.data.other_datasets):
+                    _check_data(path, f"data.other_datasets[{i}]")
+                updates = {
+                    "seed": variant_seed,
+                    "data.datasets": list(cfg.data.other_datasets),
+                    "data.fraction": 1.0,
+                    "model.init": "random",
+                    "model.attention_maps": False,
+                    **preprocess_updates,
+                }
+                overrides = [*cfg.finetune_overrides, *cfg.multidataset_overrides]
+                vcfg = _stage_config(
+                    FinetuneConfig,
+                    finetune_path,
+                    overrides,
+                    updates,
+                    "finetune_overrides/multidataset_overrides",
+                )
+            else:
+                updates = {"seed": variant_seed, **pretrain_data}
+                overrides = [*cfg.pretrain_overrides, *STAGE1_VARIANTS[name]]
+                if name == "mosmos_variant":
+                    overrides.append(f"train.variants=[{','.join(cfg.objective_variants)}]")
+                vcfg = _stage_config(PretrainConfig, pretrain_path, overrides, updates, "pretrain_overrides")
+            digest = config_hash(vcfg)  # not over output_dir: a moved benchmark folder still matches
+            vcfg.output_dir = str(out / "pretrain" / f"{name}-{digest}")
+            vcfg.data.cache_dir = cache
+            vcfg.train.resume = "latest"
+            key = variant_key(name, pseed)
+            variants[key] = Variant(name, vcfg, digest)
 
     cells: list[Cell] = []
     for strategy in cfg.strategies:
-        variant = STRATEGY_VARIANT.get(strategy)
-        if strategy.startswith(CHECKPOINT_PREFIX):
-            init = strategy[len(CHECKPOINT_PREFIX) :]
-            read_encoder_export(init)  # a missing or foreign export stops here, before any work
-            init_key = init
-        elif variant is None:
-            init, init_key = "random", "random"
-        else:
-            init = str(variants[variant].dir)
-            init_key = f"{variant}-{variants[variant].config_hash}"
-        for fraction in cfg.fractions:
-            for seed in cfg.seeds:
-                run_dir = out / "runs" / strategy_dirname(strategy) / cell_dirname(fraction, seed)
+        name = STRATEGY_VARIANT.get(strategy)
+        for budget in cfg.budgets:
+            for i, seed in enumerate(cfg.seeds):
+                key = None if name is None else variant_key(name, pretrain_seeds[i % len(pretrain_seeds)])
+                if strategy.startswith(CHECKPOINT_PREFIX):
+                    init = strategy[len(CHECKPOINT_PREFIX) :]
+                    read_encoder_export(init)  # a missing or foreign export stops here, before any work
+                    init_key = init
+                elif key is None:
+                    init, init_key = "random", "random"
+                else:
+                    init = str(variants[key].dir)
+                    init_key = f"{key}-{variants[key].config_hash}"
+                run_dir = out / "runs" / strategy_dirname(strategy) / cell_dirname(budget, seed)
                 updates = {
                     "output_dir": str(run_dir),
                     "seed": seed,
                     "data.datasets": [cfg.data.target],
-                    "data.fraction": fraction,
+                    "data.fraction": float(budget[1:]) if budget.startswith("f") else 1.0,
+                    "data.max_train_cases": int(budget[1:]) if budget.startswith("n") else None,
                     "data.cache_dir": cache,
                     "model.init": init,
                     "model.attention_maps": strategy == "mosmos+attention",
                     "train.resume": "latest",
+                    "train.early_stopping_patience": cfg.train.early_stopping_patience,
+                    **(preprocess_updates if init == "random" or name == "multidataset" else {}),
                 }
+                recipe = cfg.train.random_overrides if init == "random" else cfg.train.pretrained_overrides
                 ccfg = _stage_config(
-                    FinetuneConfig, finetune_path, cfg.finetune_overrides, updates, "finetune_overrides"
+                    FinetuneConfig,
+                    finetune_path,
+                    [*cfg.finetune_overrides, *recipe],
+                    updates,
+                    "finetune_overrides/train.pretrained_overrides/train.random_overrides",
                 )
                 digest = config_hash(ccfg, ("output_dir", "data.cache_dir", "train.resume", "model.init"))
                 digest = hashlib.sha256(f"{digest}|{init_key}".encode()).hexdigest()[:10]
-                cells.append(Cell(strategy, fraction, seed, ccfg, digest, variant))
+                cells.append(Cell(strategy, budget, seed, ccfg, digest, key))
     return Plan(variants, cells)
 
 

@@ -2,8 +2,8 @@
 
 Written from the finished cells (those with ``DONE.json``) of the current grid, at the end of every
 ``mosmos benchmark`` call, so an interrupted benchmark still reports what it has. The summary is
-generated from the numbers only: means, standard deviations, differences and p-values, each with
-what was compared and on how many pairs.
+generated from the numbers only: case-level means and differences with hierarchical bootstrap
+intervals, paired tests on case means with Holm's correction, each with what was compared and n.
 """
 
 from __future__ import annotations
@@ -17,24 +17,27 @@ from typing import Any
 
 import numpy as np
 
-from mosmos.benchmark.config import BenchmarkConfig
+from mosmos.benchmark.config import BenchmarkConfig, budget_label
 from mosmos.benchmark.plan import DONE_FILE, Plan
 from mosmos.benchmark.stats import (
     MIN_NONZERO_PAIRS,
-    format_mean_std_table,
-    mean_std_table,
+    BootstrapCI,
+    Comparison,
+    budget_of,
+    compare,
+    holm,
     organ_means,
-    paired_dice,
-    paired_wilcoxon,
+    strategy_interval,
 )
 from mosmos.errors import DataError
 from mosmos.io import atomic_path, atomic_write_text
 
 __all__ = ["CASE_COLUMNS", "RESULT_COLUMNS", "collect", "organ_rows", "write_report"]
 
-CASE_COLUMNS = ("strategy", "fraction", "seed", "dataset", "case", "organ", "dice", "hd95")
+CASE_COLUMNS = ("strategy", "budget", "fraction", "seed", "dataset", "case", "organ", "dice", "hd95")
 RESULT_COLUMNS = (
     "strategy",
+    "budget",
     "fraction",
     "seed",
     "dataset",
@@ -49,12 +52,13 @@ RESULT_COLUMNS = (
 )
 DESCRIPTIONS = {
     "random": "no pretraining (random initialisation)",
-    "mosmos": "stage 1 as configured (contrastive + organ tags)",
+    "mosmos": "stage 1 with the paper's objective (contrastive + organ tags, both training the encoder)",
+    "mosmos_variant": "stage 1 with the paper's objective and the departures in objective_variants",
     "contrastive_only": "stage 1 with the tag terms off (contrastive only)",
     "tags_only": "stage 1 with the contrastive and embedding-tag terms off (tags only)",
     "mosmos+attention": "the mosmos encoder, plus its pixel-tag attention maps fed to the decoder",
     "multidataset": "supervised stage 2 pretraining on data.other_datasets, its encoder transferred",
-    "shuffled_tags": "stage 1 as configured, every scan paired with another scan's report (same compute, "
+    "shuffled_tags": "the mosmos stage 1, every scan paired with another scan's report (same compute, "
     "no true pairing)",
 }
 
@@ -73,8 +77,13 @@ def collect(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             rows = read_case_csv(csv_path)
         except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
             raise DataError(f"{cell.dir}: a finished cell whose results cannot be read: {exc}") from None
-        records.append({**record, "strategy": cell.strategy, "fraction": cell.fraction, "seed": cell.seed})
-        ident = {"strategy": cell.strategy, "fraction": cell.fraction, "seed": cell.seed}
+        ident = {
+            "strategy": cell.strategy,
+            "budget": cell.budget,
+            "fraction": cell.fraction,
+            "seed": cell.seed,
+        }
+        records.append({**record, **ident})
         cases += [{**ident, **{k: r[k] for k in ("dataset", "case", "organ", "dice", "hd95")}} for r in rows]
     return cases, records
 
@@ -86,19 +95,20 @@ def _nanmean(values: Sequence[float]) -> float:
 
 def organ_rows(cases: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per cell × (dataset, organ): mean Dice and NaN-mean HD95 over test cases, cell timing."""
-    by_cell = {(r["strategy"], r["fraction"], r["seed"]): r for r in records}
+    by_cell = {(r["strategy"], budget_of(r), r["seed"]): r for r in records}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in cases:
-        key = (row["strategy"], row["fraction"], row["seed"], row["dataset"], row["organ"])
+        key = (row["strategy"], budget_of(row), row["seed"], row["dataset"], row["organ"])
         groups.setdefault(key, []).append(row)
     out = []
-    for (strategy, fraction, seed, dataset, organ), rows in groups.items():
-        record = by_cell.get((strategy, fraction, seed), {})
+    for (strategy, budget, seed, dataset, organ), rows in groups.items():
+        record = by_cell.get((strategy, budget, seed), {})
         hd = [float(r["hd95"]) for r in rows]
         out.append(
             {
                 "strategy": strategy,
-                "fraction": fraction,
+                "budget": budget,
+                "fraction": rows[0]["fraction"],
                 "seed": seed,
                 "dataset": dataset,
                 "organ": organ,
@@ -140,25 +150,18 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _comparison(
-    cases: list[dict[str, Any]], table: dict, strategy: str, baseline: str, fraction: float
-) -> str:
-    a_stat, b_stat = table.get((strategy, fraction)), table.get((baseline, fraction))
-    head = f"at fraction {fraction:g}, {strategy} vs {baseline}"
-    if a_stat is None or b_stat is None:
-        return f"{head}: not compared (no finished cells for one of them)"
-    a, b = paired_dice(cases, strategy, baseline, fraction)
-    test = paired_wilcoxon(a, b)
+def _comparison_text(c: Comparison) -> str:
+    head = f"{budget_label(c.budget)}: {c.strategy} vs {c.baseline}"
+    if not c.diff.n_seeds or not c.diff.n_cases:
+        return f"{head}: not compared (no finished cells of one of them)"
     text = (
-        f"{head}: {_signed(a_stat.mean - b_stat.mean)} mean Dice ({a_stat.mean:.3f} vs {b_stat.mean:.3f}, "
-        f"{a_stat.n_seeds} vs {_count(b_stat.n_seeds, 'seed')}); Wilcoxon signed-rank test (two-sided) "
-        f"on n={test.n} paired (case, organ, seed) Dice"
+        f"{head}: {c.diff.format(signed=True)} mean Dice difference per test case (95 % CI; "
+        f"{_count(c.diff.n_seeds, 'seed')} x {_count(c.diff.n_cases, 'test case')}); Wilcoxon signed-rank "
+        f"on the {c.test.n} per-case differences averaged over seeds: "
     )
-    if test.n:
-        text += f": median difference {_signed(test.median_diff)}, {test.format_p()}"
-    else:
-        text += f": {test.format_p()}"
-    return text
+    if c.test.p is None:
+        return text + c.test.format_p()
+    return text + f"p={c.test.p:.3g}, Holm-adjusted p={c.p_adjusted:.3g}"
 
 
 def _budget_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]]) -> list[str]:
@@ -176,13 +179,34 @@ def _budget_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]
         if ft.train.max_steps
         else f"train.epochs={ft.train.epochs}, data.samples_per_epoch={ft.data.samples_per_epoch}"
     )
+    patience = cfg.train.early_stopping_patience
+    stopping = (
+        "There is no early stopping: every cell trains the whole budget"
+        if patience is None
+        else f"A cell stops after {patience} validation evaluation(s) without a better mean Dice (the budget "
+        "above is the cap)"
+    )
     lines = [
-        f"- Every cell trains the same fixed budget ({budget}, train.batch_size={ft.train.batch_size}, "
-        f"model {ft.model.name}); optimizer steps per cell: {step_text}. There is no early stopping: "
-        f"each cell is validated every {ft.train.eval_every} epoch(s) and at its end on held-out target "
-        f"cases (data.val_fraction={ft.data.val_fraction}) and scored on the test set with the weights "
-        "of its best validation evaluation.",
+        f"- Cap per cell ({budget}, train.batch_size={ft.train.batch_size}, model {ft.model.name}); "
+        f"optimizer steps per cell: {step_text}. {stopping}. Each cell is validated every "
+        f"{ft.train.eval_every} epoch(s) and at its end on held-out target cases "
+        f"(data.val_fraction={ft.data.val_fraction}) and scored on the test set with the weights of its "
+        "best validation evaluation.",
+        f"- Voxel spacing of every cell: {list(ft.data.spacing) if ft.data.spacing else 'from the stage 1 export'}"
+        f" (random and multidataset cells: {_preprocess_of(plan)}).",
+        "- Transfer recipe of the pretrained cells (train.pretrained_overrides): "
+        f"{list(cfg.train.pretrained_overrides) or 'none (the fine-tuning config as it is)'}; recipe of the "
+        f"random cells (train.random_overrides): {list(cfg.train.random_overrides) or 'none'}.",
     ]
+    n_train = sorted(
+        {(budget_of(r), r["n_train_cases"]) for r in records if r.get("n_train_cases") is not None}
+    )
+    if n_train:
+        lines.append(
+            "- Labelled training cases per budget: "
+            + ", ".join(f"{budget_label(b)}: {n}" for b, n in n_train)
+            + "."
+        )
     best_epochs = [r["best_epoch"] for r in records if r.get("best_epoch") is not None]
     if best_epochs:
         lines.append(
@@ -192,7 +216,7 @@ def _budget_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]
     for name, variant in plan.variants.items():
         vt = variant.config.train
         size = f"train.max_steps={vt.max_steps}" if vt.max_steps else f"train.epochs={vt.epochs}"
-        kind = "stage 2 supervised" if name == "multidataset" else "stage 1"
+        kind = "stage 2 supervised" if variant.name == "multidataset" else "stage 1"
         lines.append(
             f"- Pretraining variant {name}: {kind}, {size}, seed {variant.config.seed}, run once in "
             f"{variant.dir} and shared by its cells."
@@ -209,6 +233,57 @@ def _budget_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]
     return lines
 
 
+def _preprocess_of(plan: Plan) -> str:
+    random_cells = [c for c in plan.cells if c.config.model.init == "random"]
+    if not random_cells:
+        return "none in this grid"
+    d = random_cells[0].config.data
+    return f"spacing {d.spacing}, HU window {d.hu_window}"
+
+
+def interval_table(
+    cases: list[dict[str, Any]], strategies: Sequence[str], budgets: Sequence[str]
+) -> dict[tuple[str, str], BootstrapCI]:
+    """Per (strategy, budget) with finished cells: the case-level mean Dice and its interval."""
+    table = {}
+    for s in strategies:
+        for b in budgets:
+            ci = strategy_interval(cases, s, b)
+            if ci.n_seeds and ci.n_cases:
+                table[(s, b)] = ci
+    return table
+
+
+def format_interval_table(
+    table: dict[tuple[str, str], BootstrapCI],
+    strategies: Sequence[str],
+    budgets: Sequence[str],
+    digits: int = 3,
+) -> str:
+    """Markdown: a row per strategy, a column per label budget, ``0.512 [0.48, 0.54] (3x12)``; the best
+    mean per column bold (ties at the shown precision all bold); ``-`` where no cell finished."""
+    best = {}
+    for b in budgets:
+        means = [round(table[(s, b)].estimate, digits) for s in strategies if (s, b) in table]
+        if means:
+            best[b] = max(means)
+
+    def cell(s: str, b: str) -> str:
+        ci = table.get((s, b))
+        if ci is None:
+            return "-"
+        text = ci.format(digits)
+        if round(ci.estimate, digits) == best.get(b):
+            text = f"**{text}**"
+        return f"{text} ({ci.n_seeds}x{ci.n_cases})"
+
+    header = ["strategy", *(budget_label(b) for b in budgets)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for s in strategies:
+        lines.append("| " + " | ".join([s, *(cell(s, b) for b in budgets)]) + " |")
+    return "\n".join(lines)
+
+
 def write_summary(
     cfg: BenchmarkConfig,
     plan: Plan,
@@ -217,11 +292,14 @@ def write_summary(
     plots: list[tuple[str, str]],
 ) -> str:
     """The text of ``summary.md``."""
-    strategies, fractions = list(cfg.strategies), sorted(cfg.fractions)
-    table = mean_std_table(cases)
+    strategies, budgets = list(cfg.strategies), cfg.budgets
+    table = interval_table(cases, strategies, budgets)
     test_cases = sorted({(r["dataset"], r["case"]) for r in cases})
     grid = f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'}"
     organs = sorted({r["organ"] for r in cases})
+    seeds_text = f"{_count(len(cfg.seeds), 'fine-tuning seed')} {list(cfg.seeds)}"
+    if cfg.pretrain_seeds is not None:
+        seeds_text += f", paired with pretraining seeds {list(cfg.pretrain_seeds)}"
     lines = [
         "# Initialisation benchmark",
         "",
@@ -229,7 +307,7 @@ def write_summary(
         f"({_count(len(test_cases), 'case')}; "
         f"organs scored, those both the target and the test set label: {', '.join(organs) or 'none yet'}). "
         f"{len(records)} of {len(plan.cells)} cells finished ({grid} x "
-        f"{_count(len(fractions), 'label fraction')} x {_count(len(cfg.seeds), 'seed')} {list(cfg.seeds)}).",
+        f"{_count(len(budgets), 'label budget')} x {seeds_text}).",
         "",
         "## Budget",
         "",
@@ -237,35 +315,42 @@ def write_summary(
         "",
         "## Mean test Dice",
         "",
-        "Mean ± standard deviation over seeds (ddof=1) of each seed's mean Dice (mean over organs of "
-        "the organ's mean over test cases); the number of seeds in brackets; the best mean per column "
-        "in bold.",
+        "The unit is the test case: its Dice is the mean over the organs scored on it. Each entry is the "
+        "mean over seeds and test cases, with a 95 % interval from a hierarchical bootstrap (seeds "
+        "resampled, then test cases within each seed; 10 000 replicates); the best mean per column in "
+        "bold; (seeds x test cases) in brackets.",
         "",
-        format_mean_std_table(table, strategies, fractions),
+        format_interval_table(table, strategies, budgets),
         "",
     ]
-    comparisons: list[str] = []
+    comparisons: list[Comparison] = []
     sections = (
         ("random", "Against random initialisation", ("random",)),
         ("shuffled_tags", "Against the shuffled-report control (shuffled_tags)", ("random", "shuffled_tags")),
     )
+    planned: list[tuple[str, list[Comparison]]] = []
     for baseline, title, excluded in sections:
         others = [s for s in strategies if s not in excluded]
         if baseline not in strategies or not others:
             continue
+        group = [compare(cases, s, baseline, b) for b in budgets for s in others]
+        comparisons += group
+        planned.append((title, group))
+    for c, p in zip(comparisons, holm([c.test.p for c in comparisons]), strict=True):
+        c.p_adjusted = p
+    for title, group in planned:
         lines += [f"## {title}", ""]
-        for fraction in fractions:
-            for s in others:
-                comparisons.append(_comparison(cases, table, s, baseline, fraction))
-                lines.append(f"- {comparisons[-1]}.")
+        lines += [f"- {_comparison_text(c)}." for c in group]
         lines.append("")
     if comparisons:
+        tested = sum(c.test.p is not None for c in comparisons)
         lines += [
-            f"Pairs are the Dice of the same test case, organ and seed under both strategies at the same "
-            f"fraction (NaN pairs dropped); zero differences are dropped by the test (scipy's default), "
-            f"and with fewer than {MIN_NONZERO_PAIRS} non-zero differences no p-value is given. The "
-            f"{len(comparisons)} p-values are not corrected for multiple comparisons, and pairs from "
-            "the same seed share one trained model, so they are not independent.",
+            "Differences pair the same test case under both strategies at the same budget and seed "
+            "(`strategy - baseline`); the interval resamples seeds, then cases. The test is a "
+            "two-sided Wilcoxon signed-rank test on one value per test case (its difference averaged "
+            f"over seeds), n = the number of test cases; with fewer than {MIN_NONZERO_PAIRS} non-zero "
+            f"differences no p-value is given. The {tested} p-values are corrected together for "
+            "multiple comparisons by Holm's step-down method.",
             "",
         ]
     lines += ["## Strategies", ""]
@@ -280,7 +365,8 @@ def write_summary(
         "- `cases.csv`: one row per cell x test case x organ (the paired tests' input).",
         *(f"- `{name}`: {desc}" for name, desc in plots),
         "- `config.yaml`, `versions.json`: the resolved benchmark config and library versions.",
-        "- `runs/<strategy>/f<fraction>_s<seed>/`: each cell's run (`test/` holds its test scores).",
+        "- `runs/<strategy>/<budget>_s<seed>/`: each cell's run (`test/` holds its test scores; "
+        "`split.json` its training and validation cases); a budget is `f<share>` or `n<cases>`.",
         "- `pretrain/<variant>-<config hash>/`: the pretraining runs.",
         "",
     ]
@@ -292,38 +378,53 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", bbox_inches="tight")
 
 
-def plot_dice_vs_fraction(
-    table: dict, strategies: Sequence[str], fractions: Sequence[float], path: Path
+def plot_dice_vs_budget(
+    table: dict[tuple[str, str], BootstrapCI],
+    records: list[dict[str, Any]],
+    strategies: Sequence[str],
+    budgets: Sequence[str],
+    path: Path,
 ) -> None:
-    """Mean test Dice against label fraction, one line per strategy, error bars ± std over seeds."""
+    """Mean test Dice against the number of labelled training cases (log x), one line per strategy,
+    95 % hierarchical bootstrap intervals; strategies dodged sideways so the bars do not overlap."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    counts: dict[str, list[int]] = {}
+    for r in records:
+        if r.get("n_train_cases") is not None:
+            counts.setdefault(budget_of(r), []).append(int(r["n_train_cases"]))
+    x_of = {b: float(np.mean(counts[b])) if b in counts else float(i + 1) for i, b in enumerate(budgets)}
+    fig = Figure(figsize=(6.5, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for s in strategies:
-        xs = [f for f in fractions if (s, f) in table]
-        if not xs:
-            continue
-        means = [table[(s, f)].mean for f in xs]
-        stds = [0.0 if math.isnan(table[(s, f)].std) else table[(s, f)].std for f in xs]
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=s)
-    ax.set_xlabel("label fraction of the target's training cases")
-    ax.set_ylabel("mean test Dice (± std over seeds)")
-    ax.set_xticks(list(fractions))
-    ax.set_title("Dice vs label fraction")
+    shown = [s for s in strategies if any((s, b) in table for b in budgets)]
+    for i, s in enumerate(shown):
+        bs = [b for b in budgets if (s, b) in table]
+        dodge = 1.06 ** (i - (len(shown) - 1) / 2)
+        xs = [x_of[b] * dodge for b in bs]
+        means = np.array([table[(s, b)].estimate for b in bs])
+        low = means - np.array([table[(s, b)].low for b in bs])
+        high = np.array([table[(s, b)].high for b in bs]) - means
+        ax.errorbar(xs, means, yerr=[low, high], marker="o", capsize=3, label=s)
+    ax.set_xscale("log")
+    ax.set_xticks([x_of[b] for b in budgets])
+    ax.set_xticklabels([f"{x_of[b]:g}" if b in counts else budget_label(b) for b in budgets], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training cases of the target")
+    ax.set_ylabel("mean test Dice per case (95 % CI)")
+    ax.set_title("Dice vs label budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def plot_organ_dice(cases: list[dict], strategies: Sequence[str], fraction: float, path: Path) -> None:
-    """Grouped bars: per organ, each strategy's mean Dice over seeds at ``fraction`` (± std)."""
+def plot_organ_dice(cases: list[dict], strategies: Sequence[str], budget: str, path: Path) -> None:
+    """Grouped bars: per organ, each strategy's mean Dice over seeds at ``budget`` (± std over seeds)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    per_cell = organ_means([r for r in cases if math.isclose(float(r["fraction"]), fraction)])
+    per_cell = organ_means([r for r in cases if budget_of(r) == budget])
     organs = sorted({o for values in per_cell.values() for o in values})
     fig = Figure(figsize=(max(6, 1.2 * len(organs) + 2), 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -342,7 +443,7 @@ def plot_organ_dice(cases: list[dict], strategies: Sequence[str], fraction: floa
     ax.set_xticklabels([o.split("/")[-1] for o in organs], rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean test Dice (± std over seeds)")
-    ax.set_title(f"Per-organ Dice at label fraction {fraction:g}")
+    ax.set_title(f"Per-organ Dice at {budget_label(budget)}")
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -355,18 +456,22 @@ def write_report(cfg: BenchmarkConfig, plan: Plan) -> Path:
     _write_csv(out / "results.csv", organ_rows(cases, records), RESULT_COLUMNS)
     plots: list[tuple[str, str]] = []
     if cases:
-        fractions = sorted(cfg.fractions)
-        table = mean_std_table(cases)
-        plot_dice_vs_fraction(table, cfg.strategies, fractions, out / "dice_vs_fraction.png")
-        lowest = min(float(r["fraction"]) for r in cases)
-        name = f"organ_dice_f{lowest:g}.png"
+        budgets = cfg.budgets
+        table = interval_table(cases, cfg.strategies, budgets)
+        plot_dice_vs_budget(table, records, cfg.strategies, budgets, out / "dice_vs_budget.png")
+        done = {budget_of(r) for r in cases}
+        lowest = next(b for b in budgets if b in done)
+        name = f"organ_dice_{lowest}.png"
         plot_organ_dice(cases, cfg.strategies, lowest, out / name)
         plots = [
             (
-                "dice_vs_fraction.png",
-                "mean test Dice against label fraction per strategy (± std over seeds).",
+                "dice_vs_budget.png",
+                "mean test Dice per case against the number of labelled training cases (95 % CIs).",
             ),
-            (name, f"per-organ test Dice per strategy at the lowest finished fraction ({lowest:g})."),
+            (
+                name,
+                f"per-organ test Dice per strategy at the smallest finished budget ({budget_label(lowest)}).",
+            ),
         ]
     summary = out / "summary.md"
     atomic_write_text(summary, write_summary(cfg, plan, cases, records, plots))

@@ -30,7 +30,7 @@ from mosmos.errors import MosmosError
 from mosmos.export import Preprocessing, write_encoder_export
 from mosmos.finetune.evaluate import evaluate_run
 from mosmos.finetune.inference import load_model
-from mosmos.finetune.train import BEST_FILE
+from mosmos.finetune.train import BEST_FILE, SPLIT_FILE
 from mosmos.finetune.train import run as run_finetune
 from mosmos.io import atomic_write_text, library_versions, write_json
 from mosmos.pretrain.train import run as run_pretrain
@@ -112,7 +112,10 @@ def train_and_evaluate(cell: Cell, cfg: BenchmarkConfig) -> dict:
     )
     last = _last_record(cell.dir)
     best_json = json.loads((cell.dir / BEST_FILE).read_text(encoding="utf-8"))
+    split_path = cell.dir / SPLIT_FILE
+    split = json.loads(split_path.read_text(encoding="utf-8")) if split_path.is_file() else {}
     return {
+        "n_train_cases": len(split["train"]) if "train" in split else None,
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(time.time() - t1, 2),
         "resumed": resumed,
@@ -139,6 +142,7 @@ def _run_cell(cell: Cell, cfg: BenchmarkConfig) -> None:
         cell.dir / DONE_FILE,
         {
             "strategy": cell.strategy,
+            "budget": cell.budget,
             "fraction": cell.fraction,
             "seed": cell.seed,
             "init": cell.config.model.init,
@@ -163,8 +167,9 @@ def run_benchmark(cfg: BenchmarkConfig) -> Path:
     write_json(out / "versions.json", library_versions())
     todo = [cell for cell in plan.cells if not cell.done]
     print(
-        f"benchmark: {len(plan.cells)} cells ({len(cfg.strategies)} strategies x {len(cfg.fractions)} "
-        f"fractions x {len(cfg.seeds)} seeds), {len(plan.cells) - len(todo)} finished, {len(todo)} to run"
+        f"benchmark: {len(plan.cells)} cells ({len(cfg.strategies)} strategies x {len(cfg.budgets)} "
+        f"label budgets {cfg.budgets} x {len(cfg.seeds)} seeds), {len(plan.cells) - len(todo)} finished, "
+        f"{len(todo)} to run"
     )
     try:
         for name in dict.fromkeys(cell.variant for cell in todo if cell.variant):
@@ -172,7 +177,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> Path:
         bar = tqdm(total=len(plan.cells), initial=len(plan.cells) - len(todo), desc="benchmark", unit="cell")
         try:
             for cell in todo:
-                bar.set_postfix_str(f"{cell.strategy} f={cell.fraction:g} s={cell.seed}")
+                bar.set_postfix_str(f"{cell.strategy} {cell.budget} s={cell.seed}")
                 _run_cell(cell, cfg)
                 bar.update(1)
         finally:

@@ -24,12 +24,15 @@ class FinetuneData:
     labels: dict[str, dict[int, str]] = field(default_factory=dict)
     vocabulary: str | None = None  # organ vocabulary YAML (default: configs/organs.yaml)
     fraction: float = 1.0  # share of each dataset's training cases kept (seeded subset; benchmark)
+    # at most this many labelled training cases per dataset (after data.fraction; the same seeded
+    # order, so a smaller count keeps a subset of a larger one's cases); null: no cap
+    max_train_cases: int | None = None
     val_fraction: float = 0.2  # held-out share of each dataset's cases, split by seed (at least one)
     # voxel size (mm, RAS), HU window and body threshold; null: from the stage 1 encoder.json when
     # model.init names one (so both stages see the same volumes), else the defaults below
     spacing: list[float] | None = None
-    hu_window: list[float] | None = None
-    body_threshold_hu: float | None = None
+    hu_window: list[float] | None = None  # HU mapped to [0, 1]; null: as for spacing
+    body_threshold_hu: float | None = None  # voxels above this HU are body; null: as for spacing
     patch_size: list[int] = field(default_factory=lambda: [96, 96, 64])  # training patch and sliding window
     foreground_fraction: float = 0.33  # patches centred on a random labelled organ voxel (nnU-Net's 1/3)
     # dataset balance: "sqrt" draws a case with probability proportional to 1/sqrt(its dataset's size)
@@ -51,6 +54,8 @@ class FinetuneData:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"data.fraction={self.fraction} must be in (0, 1]")
         resolve_augment(self.augment_options, "data.augment_options")
+        if self.max_train_cases is not None and self.max_train_cases < 1:
+            raise ConfigError(f"data.max_train_cases={self.max_train_cases} must be >= 1 or null")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
@@ -75,21 +80,59 @@ class FinetuneModel:
     # image encoder registry name and kwargs; null: from the stage 1 encoder.json (init=PATH), else
     # the network's default (rescnn3d for mo_ctrans/unet, vit3d for unetr)
     encoder: str | None = None
-    encoder_kwargs: dict | None = None
+    encoder_kwargs: dict | None = None  # constructor arguments of the encoder; null: as for encoder
     decoder_kwargs: dict = field(default_factory=dict)  # network-specific decoder arguments
     # MOSMOS transfer: feed the stage 1 pixel-tag attention maps to the decoder as extra channels
     attention_maps: bool = False
 
 
 @dataclass
+class MutualConfig:
+    """``train.mutual``: deep mutual learning (Liu et al. 2024, arXiv:2407.12611; see
+    :mod:`mosmos.finetune.mutual`). Used only with ``train.strategy: mutual``."""
+
+    stage_a_epochs: int | None = None  # epochs of the partial-organ models (null: train.epochs)
+    stage_b_epochs: int | None = None  # epochs of the full-organ models (null: train.epochs)
+    prediction_difference: float = 1.0  # weight of stage A's prediction-difference loss
+    feature_difference: float = 0.1  # weight of stage A's feature-difference loss
+    consistency: float = 1.0  # weight of stage B's prediction consistency (KL to each peer)
+    feature_similarity: float = 0.1  # weight of stage B's dynamic feature similarity
+    pseudo_high: float = 0.8  # a peer's probability at or above which it becomes a pseudo label
+    pseudo_low: float = 0.2  # probability at or below which every unlabelled organ is background
+    final: Literal["best", "ensemble"] = "best"  # the run's model: best stage B model, or all averaged
+    # a fully labelled dataset (e.g. the synthetic test set) to score the pseudo labels against; null:
+    # scored only on the organs each training dataset labels and another dataset's model segments
+    quality_data: str | None = None
+
+    def validate(self) -> None:
+        for key in ("stage_a_epochs", "stage_b_epochs"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.mutual.{key}={value} must be >= 1 or null")
+        for key in ("prediction_difference", "feature_difference", "consistency", "feature_similarity"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.mutual.{key}={getattr(self, key)} must be >= 0")
+        if not 0 <= self.pseudo_low < self.pseudo_high <= 1:
+            raise ConfigError(
+                f"train.mutual.pseudo_low={self.pseudo_low} and pseudo_high={self.pseudo_high} must satisfy "
+                "0 <= pseudo_low < pseudo_high <= 1 (voxels between them are ignored)"
+            )
+
+
+@dataclass
 class FinetuneTrain(TrainConfig):
-    # masked: BCE + soft Dice on the organs each sample's dataset labels (MultiTalent); marginal:
-    # softmax with unlabelled organs merged into background (Shi et al. 2021)
-    strategy: Literal["masked", "marginal"] = "masked"
+    # masked: BCE + soft Dice on the organs each sample's dataset labels, averaged over them;
+    # marginal: softmax with unlabelled organs merged into background (Shi et al. 2021);
+    # multitalent: BCE + batch Dice on the valid channels, summed over channels (Ulrich et al. 2023);
+    # mutual: deep mutual learning, two stages of model cohorts (Liu et al. 2024; train.mutual)
+    strategy: Literal["masked", "marginal", "multitalent", "mutual"] = "masked"
     bce_weight: float = 1.0  # weight of the BCE / cross-entropy term
     dice_weight: float = 1.0  # weight of the soft Dice term
     encoder_lr_scale: float = 1.0  # learning rate of the encoder (and attention head) relative to train.lr
     freeze_encoder_steps: int = 0  # keep the encoder fixed for the first N optimizer steps
+    # multitalent only: pool the Dice sums of each channel over the batch (nnU-Net's batch Dice)
+    batch_dice: bool = True
+    mutual: MutualConfig = field(default_factory=MutualConfig)  # train.strategy=mutual settings
 
     def validate(self) -> None:
         super().validate()

@@ -97,8 +97,17 @@ def load_preprocess(cfg: FinetuneConfig) -> PreprocessConfig:
     return resolve_preprocess(cfg, encoder_json)
 
 
-def _split(cases: list[SegCase], val_fraction: float, fraction: float, seed: int, salt: int):
-    """Seeded (train, val) split of one dataset's cases, then a seeded subset of the training part."""
+def _split(
+    cases: list[SegCase],
+    val_fraction: float,
+    fraction: float,
+    seed: int,
+    salt: int,
+    max_cases: int | None = None,
+):
+    """Seeded (train, val) split of one dataset's cases, then a seeded subset of the training part
+    (``fraction`` of it, at most ``max_cases``): the validation cases do not depend on the subset, and
+    a smaller subset is a prefix of a larger one's order (nested)."""
     if len(cases) < 2:
         raise DataError(
             f"dataset {cases[0].dataset if cases else '?'} has {len(cases)} labelled training case(s); "
@@ -112,6 +121,8 @@ def _split(cases: list[SegCase], val_fraction: float, fraction: float, seed: int
     # the subset is drawn from its own stream: a lower fraction keeps a subset of a higher one's cases
     keep_order = np.random.default_rng([seed, salt, 1]).permutation(len(train_idx))
     n_keep = max(1, math.ceil(fraction * len(train_idx)))
+    if max_cases is not None:
+        n_keep = min(n_keep, max_cases)
     train = [cases[train_idx[i]] for i in sorted(keep_order[:n_keep])]
     return sorted(train, key=lambda c: c.case_id), val
 
@@ -162,7 +173,12 @@ def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
         # salted by the dataset's name, not its position: a dataset splits the same way alone or in
         # any combination with others (so single-dataset and joint runs validate on the same cases)
         train, val = _split(
-            cases, cfg.data.val_fraction, cfg.data.fraction, cfg.seed, zlib.crc32(ds.name.encode())
+            cases,
+            cfg.data.val_fraction,
+            cfg.data.fraction,
+            cfg.seed,
+            zlib.crc32(ds.name.encode()),
+            cfg.data.max_train_cases,
         )
         data.train += [(c, ti) for c in train]
         data.val += [(c, ti) for c in val]
@@ -286,7 +302,8 @@ class PatchDataset(Dataset):
         label = lut[raw]
         centre = None
         if rng.random() < self.foreground_fraction:
-            present = [int(k) for k in torch.unique(label) if k > 0]
+            # organs only: a pseudo-labelled map's ignore value (C + 1, train.strategy=mutual) is not one
+            present = [int(k) for k in torch.unique(label) if 0 < k <= len(task.labelled)]
             if present:
                 organ = present[int(rng.integers(len(present)))]
                 voxels = torch.nonzero(label[0] == organ)
@@ -342,3 +359,31 @@ def build_train_dataset(cfg: FinetuneConfig, data: SegData, output_dir: Path) ->
         augment_options=cfg.data.augment_options,
         case_ids=[c.case_id for c, _ in data.train],
     )
+
+
+def load_label(path: str, lut: np.ndarray, dataset: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A label map in its own voxel grid, mapped to output channels (0 background), and its spacing."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        raw = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for unreadable files
+        raise DataError(f"{path}: not a readable NIfTI label map: {e}") from None
+    if raw.ndim != 3:
+        raise DataError(f"{path}: expected a 3D label map, got shape {raw.shape}")
+    ids = np.rint(raw).astype(np.int64)
+    if not np.array_equal(ids, raw) or ids.min() < 0 or ids.max() >= len(lut):
+        bad = sorted(set(np.unique(raw).tolist()) - set(range(len(lut))))[:5]
+        raise DataError(f"{path}: label values {bad} are not label ids declared by dataset {dataset}")
+    return lut[ids], tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def organ_tasks(data: SegData) -> dict[str, int]:
+    """For each output organ, the task used when none is named: the one with most training cases labelling it."""
+    counts = np.bincount([t for _, t in data.train], minlength=len(data.tasks))
+    out = {}
+    for organ in data.organs:
+        candidates = [t.index for t in data.tasks if organ in t.organs]
+        out[organ] = max(candidates, key=lambda i: (counts[i], -i))
+    return out

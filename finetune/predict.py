@@ -118,7 +118,7 @@ def predict(
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """The options ``mosmos evaluate`` and ``mosmos predict`` share."""
-    parser.add_argument("--model", required=True, help="stage 2 run directory")
+    parser.add_argument("-m", "--model", required=True, help="stage 2 run directory")
     parser.add_argument(
         "--task", help="condition every organ on this task (default: per organ, a task that labels it)"
     )
@@ -128,8 +128,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_inference_arguments(parser)
-    parser.add_argument("--input", required=True, help="a NIfTI volume or a folder of them")
-    parser.add_argument("--output", required=True, help="folder for the label maps")
+    parser.add_argument("-i", "--input", required=True, help="a NIfTI volume or a folder of them")
+    parser.add_argument("-o", "--output", required=True, help="folder for the label maps")
     parser.add_argument("--probabilities", action="store_true", help="also write per-organ probabilities")
 
 

@@ -12,13 +12,17 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mosmos.config import check_divisible, load_config
-from mosmos.errors import DataError
 from mosmos.finetune.config import FinetuneConfig
-from mosmos.finetune.data import SegData, build_seg_data, build_train_dataset, load_preprocess
+from mosmos.finetune.data import (  # load_label, organ_tasks: imported from here by older code
+    build_seg_data,
+    build_train_dataset,
+    load_label,
+    load_preprocess,
+    organ_tasks,
+)
 from mosmos.finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
 from mosmos.io import write_json
 from mosmos.vocabulary import load_vocabulary
@@ -26,43 +30,18 @@ from mosmos.vocabulary import load_vocabulary
 logger = logging.getLogger("mosmos")
 
 BEST_FILE = "best.json"
+SPLIT_FILE = "split.json"  # the run's training and validation cases
 VAL_CASES_FILE = "val_cases.csv"
-
-
-def load_label(path: str, lut: np.ndarray, dataset: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    """A label map in its own voxel grid, mapped to output channels (0 background), and its spacing."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-        raw = np.asarray(img.dataobj)
-    except Exception as e:  # nibabel raises many types for unreadable files
-        raise DataError(f"{path}: not a readable NIfTI label map: {e}") from None
-    if raw.ndim != 3:
-        raise DataError(f"{path}: expected a 3D label map, got shape {raw.shape}")
-    ids = np.rint(raw).astype(np.int64)
-    if not np.array_equal(ids, raw) or ids.min() < 0 or ids.max() >= len(lut):
-        bad = sorted(set(np.unique(raw).tolist()) - set(range(len(lut))))[:5]
-        raise DataError(f"{path}: label values {bad} are not label ids declared by dataset {dataset}")
-    return lut[ids], tuple(float(z) for z in img.header.get_zooms()[:3])
-
-
-def organ_tasks(data: SegData) -> dict[str, int]:
-    """For each output organ, the task used when none is named: the one with most training cases labelling it."""
-    counts = np.bincount([t for _, t in data.train], minlength=len(data.tasks))
-    out = {}
-    for organ in data.organs:
-        candidates = [t.index for t in data.tasks if organ in t.organs]
-        out[organ] = max(candidates, key=lambda i: (counts[i], -i))
-    return out
 
 
 class FinetuneTask:
     """What the engine needs for stage 2: model, patch stream, loss step, validation Dice."""
 
+    monitor = "mean_dice"  # the validation metric train.early_stopping_patience watches
+
     def __init__(self, cfg: FinetuneConfig, accelerator) -> None:
         from mosmos.finetune.pretrained import build_segmenter
-        from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss
+        from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss, MultiTalentLoss
 
         self.cfg, self.accelerator = cfg, accelerator
         self.output_dir = Path(cfg.output_dir)
@@ -74,6 +53,14 @@ class FinetuneTask:
             from mosmos.check.report import write_problems_csv
 
             write_problems_csv(self.output_dir / "skipped.csv", self.data.skipped)
+        if accelerator.is_main_process:  # which cases trained and validated this run
+            write_json(
+                self.output_dir / SPLIT_FILE,
+                {
+                    part: [{"dataset": c.dataset, "case": c.case_id} for c, _ in getattr(self.data, part)]
+                    for part in ("train", "val")
+                },
+            )
         self.data.preprocess = preprocess
         self.model, report = build_segmenter(
             cfg.model.name,
@@ -98,6 +85,12 @@ class FinetuneTask:
         self.collate_fn = None
         if cfg.train.strategy == "marginal":
             self.loss = MarginalLoss(dice_weight=cfg.train.dice_weight, ce_weight=cfg.train.bce_weight)
+        elif cfg.train.strategy == "multitalent":
+            self.loss = MultiTalentLoss(
+                bce_weight=cfg.train.bce_weight,
+                dice_weight=cfg.train.dice_weight,
+                batch_dice=cfg.train.batch_dice,
+            )
         else:
             self.loss = MaskedBCEDiceLoss(bce_weight=cfg.train.bce_weight, dice_weight=cfg.train.dice_weight)
         prefixes = ["encoder.", "attention_head."]
@@ -178,6 +171,10 @@ def run(cfg: FinetuneConfig) -> dict:
     from mosmos.engine import Engine, start_run
     from mosmos.finetune.metrics import format_dice_table, read_case_csv, summarize
 
+    if cfg.train.strategy == "mutual":  # two stages of model cohorts: its own driver
+        from mosmos.finetune.mutual import run_mutual
+
+        return run_mutual(cfg)
     output_dir = Path(cfg.output_dir)
     accelerator = start_run(cfg, cfg.train)
     task = FinetuneTask(cfg, accelerator)

@@ -6,7 +6,10 @@ training it without treating unannotated organs as background are offered:
 
 * :class:`MaskedBCEDiceLoss`: one independent sigmoid per organ; the loss is computed on the
   organs the sample's dataset labels and unlabelled (sample, organ) pairs are ignored entirely
-  (MultiTalent, Ulrich et al., MICCAI 2023; CLIP-Driven Universal Model, Liu et al., ICCV 2023).
+  (CLIP-Driven Universal Model, Liu et al., ICCV 2023), averaged over the labelled organs.
+* :class:`MultiTalentLoss`: the same masking, but BCE and (batch) Dice *summed* over the valid
+  channels, as MultiTalent does (Ulrich et al., MICCAI 2023), so an organ's gradient does not
+  depend on how many organs its dataset labels.
 * :class:`MarginalLoss`: a softmax over ``C + 1`` classes with a constant-zero background logit;
   for each sample the probabilities of its unlabelled organs are merged into background (Shi et
   al., "Marginal loss and exclusion loss for partially supervised multi-organ segmentation",
@@ -16,8 +19,8 @@ Targets are integer label maps ``[B, 1, *S]`` or ``[B, *S]``: 0 is background an
 ``k - 1`` (channel ``k - 1`` of ``logits``). ``labelled`` ``[B, C]`` (bool, or float with 1 for
 labelled) says which organs each sample's dataset annotates.
 
-Both losses are computed in at least float32 (half-precision logits are upcast) and return, per batch, the mean over the
-``B`` samples of per-sample losses; a sample without any labelled organ adds 0 to that mean (with
+The losses are computed in at least float32 (half-precision logits are upcast). The masked and
+marginal losses return, per batch, the mean over the ``B`` samples of per-sample losses; a sample without any labelled organ adds 0 to that mean (with
 exactly zero gradient) rather than being dropped from the denominator, so a sample's gradient does
 not depend on what else is in the batch.
 
@@ -33,9 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MarginalLoss", "MaskedBCEDiceLoss", "decode_prediction", "organ_probabilities"]
+__all__ = [
+    "MarginalLoss",
+    "MaskedBCEDiceLoss",
+    "MultiTalentLoss",
+    "decode_prediction",
+    "organ_probabilities",
+]
 
-Strategy = Literal["masked", "marginal"]
+#: every strategy but "marginal" trains one independent sigmoid per organ
+Strategy = Literal["masked", "marginal", "multitalent", "mutual"]
+SIGMOID_STRATEGIES = ("masked", "multitalent", "mutual")
 
 
 def _check_inputs(
@@ -289,6 +300,79 @@ class MarginalLoss(nn.Module):
         return self.components(logits, target, labelled)["loss"]
 
 
+class MultiTalentLoss(nn.Module):
+    """MultiTalent's loss (Ulrich et al., "MultiTalent", MICCAI 2023, arXiv:2303.14444): BCE + Dice on
+    the valid (labelled) channels only, *summed* over channels.
+
+    Summed rather than averaged: a (sample, channel) entry's gradient does not depend on how many
+    other channels are valid, so an organ weighs the same whether its dataset labels two organs or
+    twelve (:class:`MaskedBCEDiceLoss` divides by ``|L_b|``). With ``B`` samples of ``V`` voxels::
+
+        bce  = (1 / B) sum_b sum_{c in L_b} mean_v BCE(logit[b, c, v], t[b, c, v])
+        dice = sum_{c valid in the batch} 1 - (2 sum_{b: c in L_b, v} p t + smooth)
+                                              / (sum_{b: c in L_b, v} p + sum t + smooth)   (batch Dice)
+        dice = (1 / B) sum_b sum_{c in L_b} 1 - (2 sum_v p t + smooth) / (sum_v p + sum_v t + smooth)
+                                                                              (batch_dice=False)
+
+    and the loss is ``bce_weight * bce + dice_weight * dice``. Invalid entries are masked before
+    anything is computed and get exactly zero gradient. MultiTalent's batch Dice pools every voxel of
+    the batch per channel (nnU-Net's), here over the samples whose dataset labels the channel.
+
+    Args:
+        bce_weight: weight of the BCE term.
+        dice_weight: weight of the Dice term.
+        smooth: additive Dice smoothing.
+        batch_dice: pool each channel's Dice sums over the batch (MultiTalent's default).
+
+    Example::
+
+        loss_fn = MultiTalentLoss()
+        terms = loss_fn.components(logits, label_map, labelled)  # {"loss", "bce", "dice"}
+    """
+
+    def __init__(
+        self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5, batch_dice: bool = True
+    ) -> None:
+        super().__init__()
+        if bce_weight < 0 or dice_weight < 0:
+            raise ValueError(f"bce_weight={bce_weight} and dice_weight={dice_weight} must be >= 0")
+        if smooth < 0:
+            raise ValueError(f"smooth={smooth} must be >= 0")
+        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+        self.smooth, self.batch_dice = smooth, batch_dice
+
+    def components(
+        self, logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``{"loss", "bce", "dice"}`` (see the class docstring); arguments as
+        :meth:`MaskedBCEDiceLoss.components`."""
+        target, labelled = _check_inputs(logits, target, labelled)
+        logits = _upcast(logits)
+        b = logits.shape[0]
+        mask = _expand(labelled, logits.ndim)
+        logits = torch.where(mask, logits, torch.zeros_like(logits))
+        onehot = _one_hot_organs(target, logits.shape[1], logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        bce = torch.where(mask, bce, torch.zeros_like(bce))
+        bce_term = bce.flatten(1).sum(1).sum() / (b * logits[0, 0].numel())
+        prob = torch.where(mask, torch.sigmoid(logits), torch.zeros_like(logits))
+        dims = tuple(range(2, prob.ndim))
+        inter, psum, tsum = (prob * onehot).sum(dims), prob.sum(dims), onehot.sum(dims)
+        zero = torch.zeros_like(inter)
+        if self.batch_dice:
+            inter, psum, tsum = (torch.where(labelled, x, zero).sum(0) for x in (inter, psum, tsum))
+            loss_c = 1.0 - (2.0 * inter + self.smooth) / (psum + tsum + self.smooth)
+            dice_term = torch.where(labelled.any(0), loss_c, torch.zeros_like(loss_c)).sum()
+        else:
+            loss_bc = 1.0 - (2.0 * inter + self.smooth) / (psum + tsum + self.smooth)
+            dice_term = torch.where(labelled, loss_bc, zero).sum() / b
+        total = self.bce_weight * bce_term + self.dice_weight * dice_term
+        return {"loss": total, "bce": bce_term, "dice": dice_term}
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        return self.components(logits, target, labelled)["loss"]
+
+
 def organ_probabilities(logits: torch.Tensor, strategy: Strategy) -> torch.Tensor:
     """Per-organ probabilities ``[B, C, *S]`` under the convention of the loss used to train.
 
@@ -298,12 +382,12 @@ def organ_probabilities(logits: torch.Tensor, strategy: Strategy) -> torch.Tenso
             (softmax over a zero background logit and the organs, background dropped,
             :class:`MarginalLoss`).
     """
-    if strategy == "masked":
+    if strategy in SIGMOID_STRATEGIES:
         return torch.sigmoid(logits)
     if strategy == "marginal":
         full = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
         return torch.softmax(full, dim=1)[:, 1:]
-    raise ValueError(f"strategy={strategy!r} must be 'masked' or 'marginal'")
+    raise ValueError(f"strategy={strategy!r} must be one of {[*SIGMOID_STRATEGIES, 'marginal']}")
 
 
 def decode_prediction(logits: torch.Tensor, strategy: Strategy, threshold: float = 0.5) -> torch.Tensor:
@@ -315,10 +399,10 @@ def decode_prediction(logits: torch.Tensor, strategy: Strategy, threshold: float
     """
     if logits.ndim < 3:
         raise ValueError(f"logits must be [B, C, *S], got {tuple(logits.shape)}")
-    if strategy == "masked":
+    if strategy in SIGMOID_STRATEGIES:
         best, idx = torch.sigmoid(logits).max(dim=1)
         return torch.where(best > threshold, idx + 1, torch.zeros_like(idx))
     if strategy == "marginal":
         full = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
         return full.argmax(dim=1)
-    raise ValueError(f"strategy={strategy!r} must be 'masked' or 'marginal'")
+    raise ValueError(f"strategy={strategy!r} must be one of {[*SIGMOID_STRATEGIES, 'marginal']}")

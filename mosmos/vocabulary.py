@@ -17,6 +17,9 @@ from mosmos.resources import configs_dir
 
 DEFAULT_VOCABULARY = configs_dir() / "organs.yaml"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+#: Body regions an organ can lie in; a report's catch-all sentences cover only the regions it scans.
+REGIONS = ("chest", "abdomen", "pelvis")
+_KEYS = ("name", "display", "region", "synonyms", "implied_by", "label_names", "label_parts")
 
 
 def normalize_label_name(name: str) -> str:
@@ -26,12 +29,15 @@ def normalize_label_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Organ:
-    """One vocabulary entry."""
+    """One vocabulary entry (the keys of ``configs/organs.yaml``)."""
 
     name: str
     display: str
     synonyms: tuple[str, ...] = ()
     label_names: tuple[str, ...] = ()
+    region: tuple[str, ...] = REGIONS  # where it lies; every region when the file does not say
+    implied_by: tuple[str, ...] = ()  # finding words that locate it ("emphysema": the lungs)
+    label_parts: tuple[str, ...] = ()  # dataset labels of its parts, '*' a wildcard; merged into it
 
 
 @dataclass
@@ -42,10 +48,12 @@ class Vocabulary:
     source: str = "<memory>"
     _by_name: dict[str, Organ] = field(init=False, repr=False)
     _by_label: dict[str, str] = field(init=False, repr=False)
+    _parts: list[tuple[re.Pattern, str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name = {}
         self._by_label = {}
+        self._parts = []
         for organ in self.organs:
             if organ.name in self._by_name:
                 raise ConfigError(f"{self.source}: organ {organ.name!r} is listed twice")
@@ -59,6 +67,16 @@ class Vocabulary:
                         f"{self.source}: label name {spelling!r} maps to both {other!r} and {organ.name!r}"
                     )
                 self._by_label[key] = organ.name
+        for organ in self.organs:
+            for spelling in organ.label_parts:
+                key = normalize_label_name(spelling)
+                other = self._by_label.get(key.replace("*", ""))
+                if other is not None:
+                    raise ConfigError(
+                        f"{self.source}: label part {spelling!r} of {organ.name!r} is also a label name of {other!r}"
+                    )
+                pattern = re.compile(".*".join(re.escape(p) for p in key.split("*")))
+                self._parts.append((pattern, organ.name))
 
     @property
     def names(self) -> list[str]:
@@ -82,8 +100,19 @@ class Vocabulary:
         return self.names.index(self[name].name)
 
     def lookup_label(self, label_name: str) -> str | None:
-        """Canonical organ name for a dataset's label spelling, or ``None`` when it is not known."""
-        return self._by_label.get(normalize_label_name(label_name))
+        """Canonical organ name for a dataset's label spelling (the whole organ, else one of its
+        ``label_parts``), or ``None`` when it is not known."""
+        key = normalize_label_name(label_name)
+        return self._by_label.get(key) or self.lookup_part(label_name)
+
+    def lookup_part(self, label_name: str) -> str | None:
+        """The organ a label names a part of (``"lung_upper_lobe_right"`` -> ``"lung_right"``), or None."""
+        key = normalize_label_name(label_name)
+        return next((organ for pattern, organ in self._parts if pattern.fullmatch(key)), None)
+
+    def in_regions(self, name: str, regions: set[str] | frozenset[str]) -> bool:
+        """Whether organ ``name`` lies in any of ``regions``."""
+        return bool(set(self[name].region) & set(regions))
 
     def subset(self, names: list[str]) -> Vocabulary:
         """A vocabulary with only ``names``, in the given order."""
@@ -95,8 +124,11 @@ class Vocabulary:
                 {
                     "name": o.name,
                     "display": o.display,
+                    "region": list(o.region),
                     "synonyms": list(o.synonyms),
+                    "implied_by": list(o.implied_by),
                     "label_names": list(o.label_names),
+                    "label_parts": list(o.label_parts),
                 }
                 for o in self.organs
             ]
@@ -110,24 +142,32 @@ class Vocabulary:
         for i, entry in enumerate(data["organs"]):
             if not isinstance(entry, dict) or "name" not in entry:
                 raise ConfigError(f"{source}: organs[{i}] needs at least a 'name'")
-            unknown = set(entry) - {"name", "display", "synonyms", "label_names"}
+            unknown = set(entry) - set(_KEYS)
             if unknown:
                 raise ConfigError(
-                    f"{source}: organs[{i}] has unknown keys {sorted(unknown)}; "
-                    "valid keys are name, display, synonyms, label_names"
+                    f"{source}: organs[{i}] has unknown keys {sorted(unknown)}; valid keys are {', '.join(_KEYS)}"
                 )
             name = str(entry["name"])
             if not _NAME_RE.match(name):
                 raise ConfigError(f"{source}: organ name {name!r} must be snake_case (e.g. 'kidney_left')")
-            for key in ("synonyms", "label_names"):
+            for key in ("region", "synonyms", "implied_by", "label_names", "label_parts"):
                 if not isinstance(entry.get(key, []), list):
                     raise ConfigError(f"{source}: organs[{i}].{key} must be a list of strings")
+            region = tuple(str(r) for r in entry.get("region", REGIONS))
+            bad = [r for r in region if r not in REGIONS]
+            if bad or not region:
+                raise ConfigError(
+                    f"{source}: organs[{i}].region={list(region)} must list one or more of {', '.join(REGIONS)}"
+                )
             organs.append(
                 Organ(
                     name=name,
                     display=str(entry.get("display", name.replace("_", " "))),
                     synonyms=tuple(str(s).lower() for s in entry.get("synonyms", [])),
                     label_names=tuple(str(s) for s in entry.get("label_names", [])),
+                    region=region,
+                    implied_by=tuple(str(s).lower() for s in entry.get("implied_by", [])),
+                    label_parts=tuple(str(s) for s in entry.get("label_parts", [])),
                 )
             )
         return cls(organs, source=source)

@@ -19,6 +19,12 @@ class PretrainData:
     report_columns: list[str] = field(
         default_factory=lambda: ["Findings_EN", "Impressions_EN"]
     )  # report text
+    # CSV of 0/1 finding labels keyed by data.image_column (CT-RATE's 18 multi-abnormality labels); a
+    # positive label marks its organ abnormal beside the parsed tags (docs/vocabulary.md)
+    labels_table: str | None = None
+    label_organs: dict = field(
+        default_factory=dict
+    )  # label column -> organs, adding to / replacing CT-RATE's
     vocabulary: str | None = None  # organ vocabulary YAML (default: configs/organs.yaml)
     organs: list[str] | None = None  # organs to tag (default: every vocabulary organ)
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 3.0])  # resampling target, mm (RAS)
@@ -100,12 +106,92 @@ class PretrainModel:
             raise ConfigError(f"model.tag_head.{err}") from None
 
 
+@dataclass(frozen=True)
+class ObjectiveVariant:
+    """A named departure from the paper's stage 1 objective: the settings it changes."""
+
+    settings: dict[str, object]  # dotted key ("train.image_embedding_grad") -> value
+    description: str
+
+
+#: The paper's objective (MOSMOS, Tian et al.): global contrastive alignment plus organ-tag
+#: recognition through pixel-tag attention, both training the image encoder. These are the config
+#: defaults; every departure below is a named variant, off unless ``train.variants`` lists it.
+PAPER_OBJECTIVE: dict[str, object] = {
+    "train.image_embedding_grad": 1.0,
+    "train.text_lr_scale": 1.0,
+    "train.embedding_tag_weight": 0.0,
+    "train.pooled_tag_weight": 0.0,
+    "model.embedding_from_tags": False,
+}
+
+OBJECTIVE_VARIANTS: dict[str, ObjectiveVariant] = {
+    "lit": ObjectiveVariant(
+        {"train.image_embedding_grad": 0.0, "train.text_lr_scale": 0.1},
+        "locked-image tuning (LiT, Zhai et al. 2022): the contrastive term trains the text tower only, "
+        "at a tenth of the learning rate; the image encoder learns from the tag terms",
+    ),
+    "embedding_tags": ObjectiveVariant(
+        {"train.embedding_tag_weight": 0.5},
+        "one linear tag classifier shared by the image and the report embedding (weight 0.5)",
+    ),
+    "pooled_tags": ObjectiveVariant(
+        {"train.pooled_tag_weight": 1.0},
+        "a linear tag classifier on the encoder's pooled features, trained jointly (weight 1)",
+    ),
+    "tags_in_embedding": ObjectiveVariant(
+        {"model.embedding_from_tags": True},
+        "the image embedding's projection also reads the pixel-tag head's logits",
+    ),
+}
+
+
+def objective_name(variants: list[str]) -> str:
+    """``mosmos`` for the paper's objective, ``mosmos+lit+pooled_tags`` with variants (sorted)."""
+    return "+".join(["mosmos", *sorted(variants)])
+
+
+def _get(cfg: object, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def apply_variants(cfg: PretrainConfig) -> None:
+    """Set the settings of ``cfg.train.variants``; a key the config set otherwise is an error.
+
+    A key may hold the paper's value (the default: the variant sets it) or the variant's own value
+    (a resolved config read back); any other value conflicts with the variant and is refused.
+    """
+    owner: dict[str, str] = {}
+    for name in cfg.train.variants:
+        if name not in OBJECTIVE_VARIANTS:
+            raise ConfigError(
+                f"train.variants: unknown objective variant {name!r}; valid: {sorted(OBJECTIVE_VARIANTS)} "
+                "(an empty list is the paper's objective)"
+            )
+        for key, value in OBJECTIVE_VARIANTS[name].settings.items():
+            if key in owner:
+                raise ConfigError(f"train.variants: {owner[key]!r} and {name!r} both set {key}")
+            owner[key] = name
+            current = _get(cfg, key)
+            if current != value and current != PAPER_OBJECTIVE[key]:
+                raise ConfigError(
+                    f"train.variants lists {name!r}, which sets {key}={value}, but the config sets "
+                    f"{key}={current}: drop one of them"
+                )
+            section, field_name = key.split(".")
+            setattr(getattr(cfg, section), field_name, value)
+
+
 @dataclass
 class PretrainTrain(TrainConfig):
     contrastive_weight: float = 1.0  # weight of the image-report InfoNCE term (0 disables it)
     tag_weight: float = 1.0  # weight of the organ-tag term (0 disables it)
-    embedding_tag_weight: float = 0.5  # tags predicted from the image and report embeddings (0 disables)
-    pooled_tag_weight: float = 1.0  # tags predicted linearly from the encoder's pooled features (0 disables)
+    # named departures from the paper's objective (see OBJECTIVE_VARIANTS: lit, embedding_tags,
+    # pooled_tags, tags_in_embedding); empty: the paper's objective
+    variants: list[str] = field(default_factory=list)
+    embedding_tag_weight: float = 0.0  # tags predicted from the image and report embeddings (0 disables)
+    pooled_tag_weight: float = 0.0  # tags predicted linearly from the encoder's pooled features (0 disables)
     tag_loss: Literal["bce", "asl"] = "bce"  # multi-label loss
     class_balance: bool = True  # weight tag classes by training-set frequency
     text_lr_scale: float = 1.0  # learning rate of the text encoder relative to train.lr
@@ -167,3 +253,5 @@ class PretrainConfig:
     def validate(self) -> None:
         if not self.data.table:
             raise ConfigError("data.table is required: the report table (CSV/JSONL/Parquet)")
+        apply_variants(self)
+        self.train.validate()

@@ -294,6 +294,7 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
     another scan's report (and its tags): the shuffled-report control of the benchmark."""
     from mosmos.check.cases import CaseFiles
     from mosmos.check.startup import start_up_checks
+    from mosmos.pretrain.tag_labels import apply_labels, label_organs, read_labels_table
     from mosmos.pretrain.tags import tag_matrix
     from mosmos.table import read_report_table
 
@@ -320,14 +321,22 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
         )
     if len(records) < 2:
         raise DataError(f"data.table={d.table}: {len(records)} usable case(s) left; at least 2 are needed")
+    label_cases = [str(r["case_id"]) for r in records]  # whose labels go with each report
     if d.shuffle_reports:
         # A derangement, not a plain shuffle: a permutation keeps about one scan with its own report,
         # which would leak true pairs into the control.
         perm = derangement(len(records), cfg.seed + 1)
         reports = [records[j]["report"] for j in perm]
+        label_cases = [label_cases[j] for j in perm]
         for r, text in zip(records, reports, strict=True):
             r["report"] = text
     tags = tag_matrix([r["report"] for r in records], vocabulary)
+    if d.labels_table:
+        organs_of = label_organs(d.label_organs, vocabulary)
+        table = read_labels_table(d.labels_table, d.image_column, organs_of)
+        tags = apply_labels(
+            tags, label_cases, table, organs_of, vocabulary, f"data.labels_table={d.labels_table}"
+        )
     train_idx, val_idx = split_cases(len(records), d.val_fraction, cfg.seed)
     preprocess = PreprocessConfig(
         spacing=tuple(d.spacing),

@@ -21,8 +21,22 @@ SECTION_RE = re.compile(
 )
 # Sentences end at ; ! ? and newlines, and at periods that are not decimal points ("2.5 cm").
 SENTENCE_SPLIT_RE = re.compile(r"\.(?!\d)|[;!?\n\r]+")
-# Phrases that look like an organ synonym but name something else ("superior vena cava").
-NON_ORGAN_PHRASES = ("superior vena cava", "svc", "vena cava superior")
+# Phrases that look like an organ synonym but name something else ("superior vena cava"), or
+# name a reading setting rather than an organ ("When examined in the lung parenchyma window; ...").
+NON_ORGAN_PHRASES = (
+    "superior vena cava",
+    "svc",
+    "vena cava superior",
+    "pulmonary vein",
+    "pulmonary veins",
+    "lung parenchyma window",
+    "parenchyma window",
+    "parenchymal window",
+    "lung window",
+    "mediastinal window",
+    "soft tissue window",
+    "bone window",
+)
 # A sentence without an organ that continues the previous one ("It measures 16 cm.").
 ANAPHORA_RE = re.compile(r"(?:it|they|this|these|which|its|their)\b")
 
@@ -83,9 +97,9 @@ FINDING_RE = re.compile(
         # focal lesions
         r"lesions?",
         r"mass(?:es)?",
-        r"nodul\w*",
+        r"\w*nodul\w*",
         r"cyst(?:s|ic)?",
-        r"tumou?rs?",
+        r"tumou?r\w*",
         r"neoplas\w*",
         r"malignan\w*",
         r"carcinoma\w*",
@@ -103,6 +117,48 @@ FINDING_RE = re.compile(
         r"collections?",
         r"involvement",
         r"implants?",
+        r"goit(?:er|re)s?",
+        r"\w*adenopath\w*",
+        r"space[\s-]+occupying",
+        # lungs and pleura
+        r"emphysem\w*",
+        r"atelecta\w*",
+        r"fibroatelecta\w*",
+        r"consolidat\w*",
+        r"ground[\s-]+glass",
+        r"opacit\w*",
+        r"bronchiecta\w*",
+        r"mosaic",
+        r"effusions?",
+        r"pneumon\w*",
+        r"pneumothora\w*",
+        r"bullae?",
+        r"bullous",
+        r"blebs?",
+        r"honeycomb\w*",
+        r"tree[\s-]+in[\s-]+bud",
+        r"reticula\w*",
+        r"crazy[\s-]+paving",
+        r"air[\s-]+trapping",
+        r"sequela\w*",
+        r"fibrotic",
+        r"bands?",
+        r"granulomas?",
+        # bone
+        r"lytic",
+        r"destructive",
+        r"sclerotic",
+        r"\w*blastic",
+        r"fractur\w*",
+        r"degenerat\w*",
+        r"osteophyt\w*",
+        r"spondylo\w*",
+        r"osteopen\w*",
+        r"osteopor\w*",
+        r"scolio\w*",
+        r"kypho\w*",
+        r"sternotom\w*",
+        r"stents?",
         # density and texture
         r"hypo-?dens\w*",
         r"hyper-?dens\w*",
@@ -126,7 +182,9 @@ FINDING_RE = re.compile(
         r"enlarge\w*",
         r"\w+megaly",
         r"prominen\w*",
-        r"increased\s+in\s+size",
+        r"increased\s+(?:in\s+)?(?:size|diameter|calibre|caliber)",
+        r"(?:size|diameter|calibre|caliber)\s+(?:is\s+|was\s+|were\s+)?increased",
+        r"elongat\w*",
         r"atroph\w*",
         r"hypoplas\w*",
         r"shrunken",
@@ -204,6 +262,8 @@ NORMAL_RE = re.compile(
         r"homogene?ous(?:ly)?",
         r"intact",
         r"clear",
+        r"open",
+        r"natural",
         r"negative",
         r"age[\s-]appropriate",
     )
@@ -287,7 +347,16 @@ DETERMINERS_RE = re.compile(
 
 RESECTION_RE = re.compile(r"ectom(?:y|ies)\b")
 PARTIAL_RE = re.compile(
-    _words(r"partial(?:ly)?", r"hemi\w*", r"sub-?total", r"segmental", r"distal", r"wedge")
+    _words(
+        r"partial(?:ly)?",
+        r"hemi\w*",
+        r"sub-?total",
+        r"segmental",
+        r"distal",
+        r"wedge",
+        r"lobectom(?:y|ies)",
+        r"segmentectom(?:y|ies)",
+    )
 )
 DEFINITE_ABSENCE_RE = re.compile(
     _words(
@@ -321,6 +390,53 @@ OUT_OF_VIEW_RE = re.compile(
         r"truncated",
     )
 )
+
+# What the scan covers -------------------------------------------------------------------------
+
+# A report with these words describes a chest CT: its catch-all sentences cover chest organs only,
+# unless it also names an abdominal scan (ABDOMEN_SCAN_RE). A chest CT shows the upper abdomen in
+# part, so "upper abdominal organs in the sections are normal" marks no abdominal organ present.
+CHEST_REPORT_RE = re.compile(
+    _words(
+        r"mediastin\w*",
+        r"trachea\w*",
+        r"main\s+bronch\w*",
+        r"lung\s+parenchyma\w*",
+        r"both\s+lungs",
+        r"(?:right|left)\s+lung",
+        r"(?:upper|middle)\s+lobes?",
+        r"lingula\w*",
+        r"thorax",
+        r"chest",
+        r"hemithorax",
+        r"thyroid",
+        r"axilla\w*",
+        r"emphysem\w*",
+        r"bronchiecta\w*",
+        r"mosaic",
+        r"(?:interlobular\s+)?septal\s+thickening",
+        r"peribronchial",
+        r"fibrotic\s+sequela\w*",
+        r"pneumothorax",
+        r"hilar",
+    )
+)
+ABDOMEN_SCAN_RE = re.compile(
+    _words(
+        r"abdomen\s+and\s+pelvis",
+        r"abdomino-?pelvic",
+        r"thoraco-?abdominal",
+        r"(?:chest|thorax),?\s+(?:and\s+)?abdomen",
+        r"abdominal\s+(?:ct|scan|examination|imaging)",
+        r"ct\s+(?:of\s+the\s+)?abdomen",
+    )
+)
+# Regions a catch-all sentence restricts itself to ("the remaining abdominal organs").
+CATCH_ALL_REGION_RES = {
+    "abdomen": re.compile(_words(r"abdom\w*", r"pelvi\w*")),
+    "pelvis": re.compile(_words(r"abdom\w*", r"pelvi\w*")),
+    "chest": re.compile(_words(r"thora\w*", r"chest", r"mediastin\w*", r"lungs?", r"intrathoracic")),
+}
 
 # Catch-all sentences --------------------------------------------------------------------------
 

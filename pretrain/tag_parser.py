@@ -4,6 +4,12 @@
 allowed), reads each group of mentions with the cues of :mod:`mosmos.pretrain.tag_sentences`, and
 combines what the report says about one organ into :class:`ReportTags` (rules in
 :mod:`mosmos.pretrain.tags`).
+
+Chest reports: a finding word of the vocabulary's ``implied_by`` ("emphysema", "atelectasis")
+stands for its organ (both lungs unless a side is said) when the sentence names none of that
+organ's terms. A report covers the chest, the abdomen and pelvis, or both (:meth:`TagParser.coverage`);
+catch-all sentences and implied organs reach only the organs of covered regions, so a chest
+report's "remaining abdominal organs are unremarkable" marks no abdominal organ present.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from mosmos.pretrain.tag_sentences import (
     norm,
     sentences,
 )
-from mosmos.vocabulary import Organ, Vocabulary
+from mosmos.vocabulary import REGIONS, Organ, Vocabulary
 
 PRESENT, ABSENT, UNKNOWN = 1, 0, -1
 ABNORMAL, NORMAL = 1, 0
@@ -101,6 +107,17 @@ class TagParser:
             for term in self._organ_terms(organ):
                 self._terms[term] = tuple(sorted({*self._terms.get(term, ()), i}))
         self._add_pair_terms(vocabulary.organs)
+        self._implied: set[str] = set()
+        implied: dict[str, set[int]] = {}
+        for i, organ in enumerate(vocabulary.organs):
+            for term in filter(None, (norm(t) for t in organ.implied_by)):
+                implied.setdefault(term, set()).add(i)
+        for term, organs in implied.items():
+            if term not in self._terms:  # an organ's own name wins over a finding word
+                self._terms[term] = tuple(sorted(organs))
+                self._implied.add(term)
+                if frozenset(organs) in self._pairs:
+                    self._pair_terms.add(term)
         for term in lex.NON_ORGAN_PHRASES:
             self._terms.setdefault(norm(term), ())
         alternatives = sorted(self._terms, key=len, reverse=True)
@@ -116,6 +133,7 @@ class TagParser:
 
     def _add_pair_terms(self, organs: list[Organ]) -> None:
         """Side-less terms shared by a right and a left organ map to both."""
+        self._pairs: set[frozenset[int]] = set()
         for i, organ in enumerate(organs):
             for side in _SIDES:
                 if any(_side_free(t, side) for t in self._organ_terms(organ)):
@@ -128,6 +146,8 @@ class TagParser:
                 if self._side_of.get(j) != "left":
                     continue
                 shared = right_free & ({_side_free(t, "left") for t in self._organ_terms(left)} - {None})
+                if shared:
+                    self._pairs.add(frozenset((i, j)))
                 for term in shared:
                     if term not in self._terms:
                         self._terms[term] = (i, j)
@@ -135,17 +155,35 @@ class TagParser:
 
     # ------------------------------------------------------------------ public API
 
+    @staticmethod
+    def coverage(text: str) -> frozenset[str]:
+        """Body regions a report's scan covers: the chest for a chest report (CT-RATE), the abdomen
+        and pelvis for any other, all three when a chest report also names an abdominal scan."""
+        text = str(text or "").lower()
+        chest = bool(lex.CHEST_REPORT_RE.search(text))
+        if not chest:
+            return frozenset(("abdomen", "pelvis"))
+        return frozenset(REGIONS) if lex.ABDOMEN_SCAN_RE.search(text) else frozenset(("chest",))
+
     def parse(self, text: str) -> ReportTags:
         """Tag one report (Findings and Impression, section headers allowed)."""
         states = [_OrganState() for _ in self.names]
-        catch_all = False
+        covered = self.coverage(text)
+        # regions a catch-all sentence speaks of ("the remaining abdominal organs": abdomen and
+        # pelvis), and of those the regions the scan covers, whose undescribed organs it marks
+        catch_all: set[str] = set()
+        catch_all_regions: set[str] = set()
         previous: tuple[int, ...] = ()
         for sentence in sentences(text):
-            mentions = self._mentions(sentence)
+            mentions = self._mentions(sentence, covered)
             if not mentions and previous and lex.ANAPHORA_RE.match(sentence):
                 mentions = [Mention(0, 0, previous, False)]
-            elif not mentions or lex.CATCH_ALL_ORGANS_RE.search(sentence):
-                catch_all |= is_catch_all(sentence, has_organ=bool(mentions))
+            elif (not mentions or lex.CATCH_ALL_ORGANS_RE.search(sentence)) and is_catch_all(
+                sentence, has_organ=bool(mentions)
+            ):
+                named = {r for r, pattern in lex.CATCH_ALL_REGION_RES.items() if pattern.search(sentence)}
+                catch_all |= named or set(REGIONS)
+                catch_all_regions |= covered & named if named else covered
             previous = self._tag_sentence(sentence, mentions, states) if mentions else ()
         present = np.full(len(self.names), UNKNOWN, dtype=np.int8)
         abnormal = np.full(len(self.names), UNKNOWN, dtype=np.int8)
@@ -154,15 +192,17 @@ class TagParser:
                 present[i] = ABSENT
             elif st.described:
                 present[i], abnormal[i] = PRESENT, st.abnormal
-                if catch_all and st.abnormal == UNKNOWN:
+                if st.abnormal == UNKNOWN and self.vocabulary.in_regions(self.names[i], catch_all):
                     abnormal[i] = NORMAL
-            elif catch_all and not (st.out_of_view or st.ambiguous):
+            elif self.vocabulary.in_regions(self.names[i], catch_all_regions) and not (
+                st.out_of_view or st.ambiguous
+            ):
                 present[i], abnormal[i] = PRESENT, NORMAL
         return ReportTags(present=present, abnormal=abnormal, names=self.names)
 
     # ------------------------------------------------------------------ one sentence
 
-    def _mentions(self, sentence: str) -> list[Mention]:
+    def _mentions(self, sentence: str, covered: frozenset[str]) -> list[Mention]:
         found = []
         for m in self._organ_re.finditer(sentence):
             key = norm(m.group(0))
@@ -171,8 +211,24 @@ class TagParser:
                     break
             organs = self._terms.get(candidate, ())
             if organs:
-                found.append(Mention(m.start(), m.end(), organs, candidate in self._pair_terms))
-        return found
+                found.append(
+                    Mention(
+                        m.start(), m.end(), organs, candidate in self._pair_terms, candidate in self._implied
+                    )
+                )
+        # A finding word stands for its organ only when the sentence names none of that organ's
+        # terms ("emphysema in the right lung" is about the right lung alone) and the scan covers it;
+        # dropped, it stays a finding of whatever organ owns its clause.
+        named = {i for x in found if not x.implied for i in x.organs}
+        return [
+            x
+            for x in found
+            if not x.implied
+            or (
+                not named & set(x.organs)
+                and any(self.vocabulary.in_regions(self.names[i], covered) for i in x.organs)
+            )
+        ]
 
     def _tag_sentence(self, s: str, mentions: list[Mention], states: list[_OrganState]) -> tuple[int, ...]:
         cues = Cues(s, mentions)
@@ -256,6 +312,18 @@ class TagParser:
         if "both" in words or {"right", "left"} <= words:
             return mention.organs
         sides = words & set(_SIDES)
+        if not sides:
+            # "the upper lobe of the right lung", "pleural effusion in the right hemithorax": the side
+            # comes from the sentence's one-sided terms of the same pair, when they name one side
+            named = {
+                self._side_of[i]
+                for m in (*group, *others)
+                if not m.pair
+                for i in m.organs
+                if i in mention.organs and i in self._side_of
+            }
+            if len(named) == 1:
+                sides = named
         if not sides and lex.RESECTION_RE.search(s[mention.start : mention.end]):
             named = {
                 self._side_of[i]

@@ -26,6 +26,7 @@ class Mention:
     end: int
     organs: tuple[int, ...]
     pair: bool  # a side-less term of a left/right pair ("kidneys", "renal", "adrenal")
+    implied: bool = False  # a finding word that locates an organ ("emphysema"), no organ name
 
 
 @dataclass

@@ -41,6 +41,8 @@ def _organ_name_embeddings(tokenizer, text_encoder, vocab: Vocabulary) -> torch.
 class PretrainTask:
     """What the engine needs for stage 1: model (with losses), data and the step/eval functions."""
 
+    monitor = "tag_mAP"  # the validation metric train.early_stopping_patience watches
+
     def __init__(self, cfg: PretrainConfig, accelerator) -> None:
         from mosmos.models.losses import class_balance_weights
         from mosmos.models.pretrain_model import MosmosPretrainModel
@@ -185,9 +187,12 @@ def stage1_objective(cfg: PretrainConfig) -> dict[str, Any]:
     """The objective the export records: every loss weight and gradient setting of ``train`` (the
     fields stage 1 adds to the engine's), and the model and data settings that change what is learned."""
     engine = {f.name for f in dataclasses.fields(TrainConfig)}
-    record = {
-        f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name not in engine
-    }
+    from mosmos.pretrain.config import objective_name
+
+    record: dict[str, Any] = {"name": objective_name(cfg.train.variants)}
+    record.update(
+        {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name not in engine}
+    )
     record["freeze_text"] = cfg.model.freeze_text
     record["embedding_from_tags"] = cfg.model.embedding_from_tags
     record["shuffle_reports"] = cfg.data.shuffle_reports

@@ -13,13 +13,15 @@ import scipy.stats
 from mosmos.benchmark import run as benchmark
 from mosmos.benchmark.config import BenchmarkConfig
 from mosmos.benchmark.plan import make_plan
+from mosmos.benchmark.report import format_interval_table, interval_table
 from mosmos.benchmark.run import run_benchmark
 from mosmos.benchmark.stats import (
     MIN_NONZERO_PAIRS,
-    cell_means,
-    format_mean_std_table,
-    mean_std_table,
-    paired_dice,
+    case_matrix,
+    case_means,
+    compare,
+    hierarchical_bootstrap,
+    holm,
     paired_wilcoxon,
 )
 from mosmos.cli import main as cli
@@ -95,6 +97,7 @@ def _rows(strategy, fraction, seed, per_case):
     return [
         {
             "strategy": strategy,
+            "budget": f"f{fraction:g}",
             "fraction": fraction,
             "seed": seed,
             "dataset": "T",
@@ -131,28 +134,91 @@ def hand_rows():
     return rows
 
 
-def test_mean_std_table_and_best_marking_on_a_hand_made_frame(hand_rows):
-    means = cell_means(hand_rows)
-    assert means[("random", 0.5, 0)] == pytest.approx(0.4) and means[("mosmos", 0.5, 0)] == pytest.approx(0.7)
-    table = mean_std_table(hand_rows)
-    assert table[("random", 0.5)].mean == pytest.approx(0.5)
-    assert table[("random", 0.5)].std == pytest.approx(np.std([0.4, 0.6], ddof=1))
-    assert table[("mosmos", 0.5)].mean == pytest.approx(0.6) and table[("mosmos", 0.5)].n_seeds == 2
-    assert math.isnan(table[("mosmos", 1.0)].std)
-    text = format_mean_std_table(table, ["random", "mosmos", "tags_only"], [0.5, 1.0])
+def test_case_means_average_the_organs_of_each_case(hand_rows):
+    means = case_means(hand_rows)
+    assert means[("random", "f0.5", 0)] == pytest.approx({("T", "c1"): 0.3, ("T", "c2"): 0.5})
+    assert means[("mosmos", "f0.5", 1)] == pytest.approx({("T", "c1"): 0.5, ("T", "c2"): 0.5})
+    seeds, cases, diff = case_matrix(hand_rows, "mosmos", "f0.5", "random")
+    assert seeds == [0, 1] and cases == [("T", "c1"), ("T", "c2")]
+    np.testing.assert_allclose(diff, [[0.4, 0.2], [-0.1, -0.1]])
+    # a case missing in one seed leaves the paired matrix
+    rows = [r for r in hand_rows if not (r["strategy"] == "random" and r["seed"] == 1 and r["case"] == "c2")]
+    assert case_matrix(rows, "mosmos", "f0.5", "random")[1] == [("T", "c1")]
+
+
+def _exact_hierarchical_distribution(values):
+    """Every equally likely outcome of one two-level bootstrap replicate, enumerated by hand:
+    seeds drawn with replacement, then cases within each drawn seed."""
+    import itertools
+
+    n_seeds, n_cases = values.shape
+    outcomes = []
+    for seed_draw in itertools.product(range(n_seeds), repeat=n_seeds):
+        per_seed = [
+            [
+                np.mean([values[s, c] for c in case_draw])
+                for case_draw in itertools.product(range(n_cases), repeat=n_cases)
+            ]
+            for s in seed_draw
+        ]
+        outcomes += [float(np.mean(combo)) for combo in itertools.product(*per_seed)]
+    return np.array(outcomes)
+
+
+def test_hierarchical_bootstrap_matches_the_enumerated_distribution():
+    values = np.array([[0.0, 1.0], [0.2, 0.6]])
+    exact = _exact_hierarchical_distribution(values)  # 4 seed draws x 4 x 4 case draws = 64 outcomes
+    assert len(exact) == 64
+    ci = hierarchical_bootstrap(values, n_boot=40_000, seed=1)
+    assert ci.estimate == pytest.approx(values.mean()) and (ci.n_seeds, ci.n_cases) == (2, 2)
+    # the exact distribution is discrete: each sampled bound lies between the exact quantiles 1 % of
+    # probability either side of its level (sampling error at 40 000 replicates is ~0.08 %)
+    band = lambda q: np.quantile(exact, [q - 0.01, q + 0.01], method="inverted_cdf")  # noqa: E731
+    assert band(0.025)[0] - 1e-9 <= ci.low <= band(0.025)[1] + 1e-9
+    assert band(0.975)[0] - 1e-9 <= ci.high <= band(0.975)[1] + 1e-9
+    assert band(0.025)[1] < band(0.975)[0]  # the check is not vacuous: the bands are apart
+    # one seed, two cases [0, 1]: replicates 0, 0.5, 1 with probability 1/4, 1/2, 1/4
+    one = hierarchical_bootstrap(np.array([[0.0, 1.0]]), n_boot=20_000)
+    assert (one.low, one.high) == (0.0, 1.0)
+    # seed-level spread widens the interval beyond what pooling all values as independent gives
+    spread = np.array([[0.1] * 8, [0.5] * 8, [0.9] * 8])
+    wide = hierarchical_bootstrap(spread)
+    assert wide.low < 0.3 and wide.high > 0.7  # one level would give ~0.5 +- 0.13
+
+
+def test_hierarchical_bootstrap_rejects_incomplete_matrices():
+    with pytest.raises(ValueError, match="complete"):
+        hierarchical_bootstrap(np.array([[0.1, np.nan]]))
+    empty = hierarchical_bootstrap(np.zeros((0, 0)))
+    assert math.isnan(empty.estimate) and empty.format() == "-"
+
+
+def test_holm_adjusts_step_down_and_keeps_missing_tests_out():
+    # p sorted: 0.01 (x3), 0.03 (x2), 0.04 (x1); monotone; None stays None and does not count
+    assert holm([0.04, None, 0.01, 0.03]) == pytest.approx([0.06, None, 0.03, 0.06])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+    assert holm([]) == []
+
+
+def test_compare_uses_one_value_per_test_case(hand_rows):
+    c = compare(hand_rows, "mosmos", "random", "f0.5", n_boot=2000)
+    assert c.diff.estimate == pytest.approx(np.mean([0.4, 0.2, -0.1, -0.1]))
+    assert (c.diff.n_seeds, c.diff.n_cases) == (2, 2)
+    # the test sees the 2 per-case differences averaged over seeds (0.15, 0.05), not 8 pseudo-pairs
+    assert c.test.n == 2 and c.test.p is None
+
+
+def test_interval_table_marks_the_best_mean_per_budget(hand_rows):
+    table = interval_table(hand_rows, ["random", "mosmos", "tags_only"], ["f0.5", "f1"])
+    assert table[("random", "f0.5")].estimate == pytest.approx(np.mean([0.3, 0.5, 0.6, 0.6]))
+    text = format_interval_table(table, ["random", "mosmos", "tags_only"], ["f0.5", "f1"])
     lines = text.splitlines()
     assert lines[0] == "| strategy | fraction 0.5 | fraction 1 |"
-    assert lines[2] == "| random | 0.500 ± 0.141 (2) | **0.900** (1) |"
-    assert lines[3] == "| mosmos | **0.600 ± 0.141** (2) | 0.800 (1) |"
+    assert (
+        lines[2].startswith("| random | 0.500 [") and "**0.900" in lines[2] and lines[2].endswith("(1x1) |")
+    )
+    assert lines[3].startswith("| mosmos | **0.600 [") and "(2x2)" in lines[3]
     assert lines[4] == "| tags_only | - | - |"
-
-
-def test_paired_dice_pairs_the_same_case_organ_and_seed(hand_rows):
-    a, b = paired_dice(hand_rows, "mosmos", "random", 0.5)
-    assert len(a) == len(b) == 8
-    assert sorted(np.round(np.subtract(a, b), 6)) == sorted([0.4, 0.4, 0.2, 0.2, -0.1, -0.1, -0.1, -0.1])
-    a, b = paired_dice(hand_rows, "mosmos", "random", 1.0)
-    assert (a, b) == ([0.8, 0.8], [0.9, 0.9])
 
 
 # ------------------------------------------------------------------------------ grid bookkeeping
@@ -196,7 +262,8 @@ def fake_runners(monkeypatch):
                 rows.append(f"Test,{case},{organ},{dice},3.0,10,10")
         (cell.dir / "test").mkdir(parents=True, exist_ok=True)
         (cell.dir / "test" / "cases.csv").write_text("\n".join(rows) + "\n")
-        return {"train_seconds": 1.5, "steps": 8, "epochs": 2, "best_epoch": 2}
+        n_train = 1 if cell.budget.startswith("n") else round(4 * cell.fraction)
+        return {"train_seconds": 1.5, "steps": 8, "epochs": 2, "best_epoch": 2, "n_train_cases": n_train}
 
     def fake_variant(variant):
         calls["variants"].append(variant.dir.name)
@@ -225,6 +292,7 @@ def test_finished_cells_are_skipped_and_unfinished_ones_rerun(bench_dirs, fake_r
         results = list(csv.DictReader(fh))
     assert len(results) == 4 * 2 and set(results[0]) >= {
         "strategy",
+        "budget",
         "fraction",
         "seed",
         "organ",
@@ -233,7 +301,7 @@ def test_finished_cells_are_skipped_and_unfinished_ones_rerun(bench_dirs, fake_r
     }
     with (out / "cases.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 4 * 3 * 2
-    for name in ("summary.md", "config.yaml", "versions.json", "dice_vs_fraction.png", "organ_dice_f0.5.png"):
+    for name in ("summary.md", "config.yaml", "versions.json", "dice_vs_budget.png", "organ_dice_f0.5.png"):
         assert (out / name).is_file(), name
 
 
@@ -301,6 +369,67 @@ def test_stage1_ablations_switch_off_their_terms(bench_dirs):
     assert (t.contrastive_weight, t.embedding_tag_weight) == (0, 0) and t.tag_weight > 0
 
 
+def test_mosmos_is_the_papers_objective_and_the_variant_sits_beside_it(bench_dirs):
+    """The demo stage 1 config lists departures; the benchmark's mosmos (and its control) drop them,
+    mosmos_variant keeps exactly the named ones."""
+    cfg = _config(
+        bench_dirs,
+        strategies="[mosmos, mosmos_variant, shuffled_tags]",
+        seeds="[0]",
+        objective_variants="[lit]",
+    )
+    variants = make_plan(cfg).variants
+    paper, lit, control = (variants[n].config.train for n in ("mosmos", "mosmos_variant", "shuffled_tags"))
+    assert paper.variants == [] and paper.image_embedding_grad == 1 and paper.pooled_tag_weight == 0
+    assert control.variants == [] and variants["shuffled_tags"].config.data.shuffle_reports
+    assert lit.variants == ["lit"] and lit.image_embedding_grad == 0 and lit.pooled_tag_weight == 0
+    assert not variants["mosmos_variant"].config.model.embedding_from_tags
+    cfg.objective_variants = []
+    with pytest.raises(ConfigError, match="objective_variants is required"):
+        cfg.validate()
+
+
+def test_label_counts_pretraining_seeds_recipes_and_stage1_spacing_reach_the_cells(bench_dirs):
+    cfg = _config(
+        bench_dirs,
+        strategies="[random, mosmos]",
+        fractions="[1.0]",
+        label_cases="[2, 1]",
+        seeds="[0, 1]",
+        pretrain_seeds="[5, 6]",
+        **{
+            "train.early_stopping_patience": 3,
+            "train.pretrained_overrides": "[train.freeze_encoder_steps=7]",
+            "train.random_overrides": "[train.lr=0.01]",
+        },
+    )
+    assert cfg.budgets == ["n1", "n2", "f1"]
+    plan = make_plan(cfg)
+    assert sorted(plan.variants) == ["mosmos@s5", "mosmos@s6"]
+    assert [v.config.seed for v in plan.variants.values()] == [5, 6]
+    cells = {(c.strategy, c.budget, c.seed): c for c in plan.cells}
+    assert len(cells) == 2 * 3 * 2
+    n1 = cells[("mosmos", "n1", 1)]
+    assert (
+        n1.config.data.max_train_cases == 1 and n1.config.data.fraction == 1.0 and n1.variant == "mosmos@s6"
+    )
+    assert n1.config.model.init == str(plan.variants["mosmos@s6"].dir) and n1.dir.name == "n1_s1"
+    assert cells[("mosmos", "f1", 0)].config.data.max_train_cases is None
+    assert all(c.config.train.early_stopping_patience == 3 for c in plan.cells)
+    rnd, pre = cells[("random", "n2", 0)].config, cells[("mosmos", "n2", 0)].config
+    assert (rnd.train.lr, rnd.train.freeze_encoder_steps) == (0.01, 0)
+    assert pre.train.freeze_encoder_steps == 7 and pre.train.lr != 0.01
+    # the demo fine-tuning config sets its own spacing; with it unset, random cells take stage 1's
+    cfg.finetune_overrides = ["train.epochs=2", "data.spacing=null"]
+    plan = make_plan(cfg)
+    stage1 = plan.variants["mosmos@s5"].config.data
+    rnd = next(c for c in plan.cells if c.strategy == "random").config.data
+    assert rnd.spacing == list(stage1.spacing) and rnd.hu_window == list(stage1.hu_window)
+    assert (
+        next(c for c in plan.cells if c.strategy == "mosmos").config.data.spacing is None
+    )  # from the export
+
+
 def test_bad_strategies_and_paths_fail_before_any_work(bench_dirs, fake_runners):
     with pytest.raises(ConfigError, match=r"unknown strategy 'imagenet'.*checkpoint:PATH"):
         _config(bench_dirs, strategies="[random, imagenet]")
@@ -309,7 +438,11 @@ def test_bad_strategies_and_paths_fail_before_any_work(bench_dirs, fake_runners)
     with pytest.raises(ConfigError, match=r"data\.target"):
         run_benchmark(_config(bench_dirs, **{"data.target": bench_dirs / "missing"}))
     with pytest.raises(ConfigError, match="early_stopping_patience"):
-        _config(bench_dirs, **{"train.early_stopping_patience": 5})
+        _config(bench_dirs, **{"train.early_stopping_patience": 0})
+    with pytest.raises(ConfigError, match="pretrain_seeds"):
+        _config(bench_dirs, seeds="[0, 1]", pretrain_seeds="[0]")
+    with pytest.raises(ConfigError, match="label budget"):
+        _config(bench_dirs, fractions="[]")
     with pytest.raises(ConfigError, match="finetune_overrides"):
         make_plan(_config(bench_dirs, finetune_overrides="[train.epoch=2]"))
     assert fake_runners["cells"] == [] and not (bench_dirs / "bench" / "runs").exists()
@@ -351,7 +484,7 @@ def test_a_tiny_grid_end_to_end_then_a_second_call_skips_it(tiny_synth, tmp_path
         + "\n"
     )
     assert cli(["benchmark", "--config", str(config)]) == 0
-    for name in ("results.csv", "cases.csv", "summary.md", "dice_vs_fraction.png", "organ_dice_f1.png"):
+    for name in ("results.csv", "cases.csv", "summary.md", "dice_vs_budget.png", "organ_dice_f1.png"):
         assert (out / name).is_file(), name
     for strategy in ("random", "mosmos", "multidataset"):
         done = json.loads((out / "runs" / strategy / "f1_s0" / "DONE.json").read_text())
@@ -370,7 +503,7 @@ def test_a_tiny_grid_end_to_end_then_a_second_call_skips_it(tiny_synth, tmp_path
     assert organs <= set(target_organs) and "liver" not in organs  # only what KidneyB labels is scored
     assert len(results) == 3 * len(organs) and all(0 <= float(r["dice"]) <= 1 for r in results)
     summary = (out / "summary.md").read_text()
-    assert "fixed budget" in summary and "at fraction 1, mosmos vs random" in summary
+    assert "no early stopping" in summary and "fraction 1: mosmos vs random" in summary
     assert "p n/a" in summary  # one test case and seed: too few pairs for a p-value
 
     def fail(*args, **kwargs):

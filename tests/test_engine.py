@@ -273,3 +273,35 @@ def test_bf16_runs_the_forward_in_bf16_where_the_cpu_has_it_and_a_later_run_may_
     assert _forward_dtypes(tmp_path / "bf16", "bf16") == {torch.bfloat16 if native else torch.float32}
     # the next run in the same process may ask for another precision (Accelerate would refuse it)
     assert _forward_dtypes(tmp_path / "fp32", "no") == {torch.float32}
+
+
+class ScriptedTask(ToyTask):
+    """Evaluation scores from a script (higher is better): the best is at the second evaluation."""
+
+    monitor = "score"
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = list(scores)
+
+    def evaluate(self, model, epoch):
+        return {"score": self.scores[epoch - 1]}
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_a_better_score(tmp_path):
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=0, checkpoint_every=100, log_every=5)
+    cfg.early_stopping_patience = 2
+    # a tie with the best (0.5 at epoch 3) is not an improvement; NaN never is
+    history = Engine(ScriptedTask([0.2, 0.5, 0.5, float("nan"), 0.9, 1.0]), cfg, tmp_path / "a", seed=0).fit()
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["step"] == 4 * 8  # 64 cases / batch 8, four epochs; no extra final evaluation
+    # a resumed run that had stopped early stays stopped (the decision is in the checkpoint)
+    cfg.resume = "latest"
+    again = Engine(ScriptedTask([0.0] * 6), cfg, tmp_path / "a", seed=0).fit()
+    assert [h["epoch"] for h in again] == [1, 2, 3, 4]
+    # patience null (default) or a task without a monitored metric: the whole budget
+    cfg.resume, cfg.early_stopping_patience = None, None
+    history = Engine(ScriptedTask([0.2, 0.5, 0.5, 0.1, 0.1, 0.1]), cfg, tmp_path / "b", seed=0).fit()
+    assert history[-1]["step"] == 48
+    cfg.early_stopping_patience = 1
+    assert Engine(ToyTask(), cfg, tmp_path / "c", seed=0).fit()[-1]["step"] == 48

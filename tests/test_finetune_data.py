@@ -45,6 +45,26 @@ def test_split_is_seeded_disjoint_and_lower_fractions_keep_a_subset():
     assert len(_split(cases, 0.2, 0.01, seed=0, salt=0)[0]) == 1  # never empty
 
 
+def test_label_count_subsets_are_nested_seeded_and_leave_validation_alone():
+    cases = _cases(20)
+    full, val = _split(cases, 0.2, 1.0, seed=3, salt=7)
+    subsets = {n: _split(cases, 0.2, 1.0, seed=3, salt=7, max_cases=n) for n in (1, 2, 4, 8, 100)}
+    for n, (train, v) in subsets.items():
+        assert v == val and len(train) == min(n, 16)
+    ids = {n: {c.case_id for c in t} for n, (t, _) in subsets.items()}
+    assert ids[1] <= ids[2] <= ids[4] <= ids[8] <= ids[100] == {c.case_id for c in full}
+    assert subsets[4] == _split(cases, 0.2, 1.0, seed=3, salt=7, max_cases=4)  # seeded
+    others = {
+        frozenset(c.case_id for c in _split(cases, 0.2, 1.0, seed=s, salt=7, max_cases=4)[0])
+        for s in range(5)
+    }
+    assert len(others) > 1  # another seed draws other cases
+    # a count after a fraction: the fraction's subset, capped, still nested in it
+    half, _ = _split(cases, 0.2, 0.5, seed=3, salt=7)
+    capped, _ = _split(cases, 0.2, 0.5, seed=3, salt=7, max_cases=3)
+    assert len(capped) == 3 and {c.case_id for c in capped} <= {c.case_id for c in half}
+
+
 def _cfg(tiny_synth, tmp_path, *extra):
     raw = tiny_synth / "nnUNet_raw"
     datasets = ",".join(

@@ -181,9 +181,15 @@ def test_imagests_split(tmp_path, vocab):
 
 
 def test_duplicate_case_id(tmp_path, vocab):
+    """imagesTr and imagesTs are separate sets (nnU-Net): a test id repeating a training id is fine,
+    for the reader and for `mosmos check`; a duplicate within one set stays an error."""
+    from mosmos.check.datasets import check_seg_dataset
+
     root = _nnunet(tmp_path / "Dataset008_D", ["a", "b"], test=["a"])
-    with pytest.raises(DataError, match=r"duplicate case id.*'a'"):
-        read_seg_dataset(root, vocab)
+    ds = read_seg_dataset(root, vocab)
+    assert [c.case_id for c in ds.train] == ["a", "b"] and [c.case_id for c in ds.test] == ["a"]
+    assert ds.test[0].image == str(root / "imagesTs" / "a_0000.nii.gz")
+    assert not [p for p in check_seg_dataset(root, vocab).errors if "duplicate" in p.message]
     msd = tmp_path / "msd"
     _msd(msd, ["x"], [], {"0": "background", "1": "spleen"})
     meta = json.loads((msd / "dataset.json").read_text())
@@ -191,6 +197,7 @@ def test_duplicate_case_id(tmp_path, vocab):
     (msd / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"duplicate case id.*'x'"):
         read_seg_dataset(msd, vocab)
+    assert [p for p in check_seg_dataset(msd, vocab).errors if "duplicate case id 'x'" in p.message]
 
 
 def test_region_labels_unsupported(tmp_path, vocab):

@@ -20,6 +20,9 @@ from mosmos.vocabulary import Vocabulary, load_vocabulary
 VOCAB = load_vocabulary()
 PARSER = TagParser(VOCAB)
 ALL = tuple(VOCAB.names)
+# what an abdominal CT covers: an abdominal report's catch-all never reaches the chest organs
+ABDOMINAL = tuple(n for n in ALL if VOCAB.in_regions(n, {"abdomen", "pelvis"}))
+CHEST_ONLY = tuple(n for n in ALL if n not in ABDOMINAL)
 U = (-1, -1)  # unknown
 N = (1, 0)  # present, normal
 A = (1, 1)  # present, abnormal
@@ -108,7 +111,10 @@ CASES = [
         {"urinary_bladder": U, "spleen": N},
     ),
     # catch-all sentences fill only organs the report says nothing else about
-    ("The remaining abdominal organs are unremarkable.", dict.fromkeys(ALL, N)),
+    (
+        "The remaining abdominal organs are unremarkable.",
+        {**dict.fromkeys(ABDOMINAL, N), **dict.fromkeys(CHEST_ONLY, U)},
+    ),
     ("Diffuse hepatic steatosis. Otherwise unremarkable.", {"liver": A, "spleen": N, "aorta": N}),
     (
         "Status post cholecystectomy. Remaining visualized organs are within normal limits.",

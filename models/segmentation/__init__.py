@@ -1,5 +1,5 @@
 """Stage 2 segmenters behind one interface (:class:`SegmenterBase`); importing registers them in the
-``"segmenter"`` family: ``unet``, ``mo_ctrans`` and ``unetr``.
+``"segmenter"`` family: ``unet``, ``mo_ctrans``, ``unetr`` and ``ensemble`` (several of one of them, probabilities averaged).
 
 Example::
 
@@ -11,12 +11,14 @@ Example::
 """
 
 from mosmos.models.segmentation.common import ENCODER_PREFIXES, SegmenterBase, UpStage
+from mosmos.models.segmentation.ensemble import EnsembleSegmenter
 from mosmos.models.segmentation.mo_ctrans import MOCTransSegmenter, TaskTokenTransformer
 from mosmos.models.segmentation.unet import UNetSegmenter
 from mosmos.models.segmentation.unetr import UNETRSegmenter
 
 __all__ = [
     "ENCODER_PREFIXES",
+    "EnsembleSegmenter",
     "MOCTransSegmenter",
     "SegmenterBase",
     "TaskTokenTransformer",

@@ -38,6 +38,9 @@ class TrainConfig:
     # checkpoints (mosmos.channels_last). auto: time both on the first batch and keep the faster
     # (mosmos.engine.autotune)
     channels_last: bool | Literal["auto"] = "auto"
+    # stop after this many evaluations without a new best of the stage's validation metric (stage 2:
+    # mean Dice; stage 1: tag mAP); epochs / max_steps is then the cap. null: train the whole budget
+    early_stopping_patience: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first key whose value is out of range."""
@@ -54,6 +57,8 @@ class TrainConfig:
             "train.log_every": self.log_every >= 1,
             "train.eval_every": self.eval_every >= 1,
             "train.max_bad_steps": self.max_bad_steps >= 1,
+            "train.early_stopping_patience": self.early_stopping_patience is None
+            or self.early_stopping_patience >= 1,
         }
         for key, ok in checks.items():
             if not ok:

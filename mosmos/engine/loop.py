@@ -42,7 +42,8 @@ logger = logging.getLogger("mosmos")
 
 class Task(Protocol):
     """What a stage hands the engine (optionally also ``lr_scale`` and ``freeze_steps``, by
-    parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`)."""
+    parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`, and ``monitor``:
+    the validation metric, higher is better, that ``train.early_stopping_patience`` watches)."""
 
     model: torch.nn.Module
     train_dataset: Dataset
@@ -80,6 +81,7 @@ class Engine:
         self.epoch = 0
         self.batches_done = 0  # micro-batches consumed in the current epoch
         self.history: list[dict] = []
+        self.stopped_early = False
         # the state of this process only
         self.interrupted = False
         self.bad_steps = 0  # non-finite steps in a row
@@ -105,12 +107,14 @@ class Engine:
         )
         start = time.time()
         try:
-            while self.global_step < self.total_steps and not self.interrupted:
+            while self.global_step < self.total_steps and not self.interrupted and not self.stopped_early:
                 if self._train_epoch(bar):  # ran to the end of the epoch
                     self.epoch += 1
                     self.batches_done = 0
                     if self.epoch % self.cfg.eval_every == 0:
                         self._evaluate()
+                        if self._plateaued():
+                            break
         finally:
             bar.close()
             if previous_handler is not None:
@@ -347,6 +351,27 @@ class Engine:
             )
         acc.wait_for_everyone()
 
+    def _plateaued(self) -> bool:
+        """``train.early_stopping_patience`` evaluations in a row without a new best of the task's
+        ``monitor`` metric (decided on the main process, which holds the history; every process
+        then stops at the same step)."""
+        patience, metric = self.cfg.early_stopping_patience, getattr(self.task, "monitor", None)
+        if patience is None or metric is None:
+            return False
+        acc = self.accelerator
+        if acc.is_main_process:
+            values = [h[metric] for h in self.history if isinstance(h.get(metric), (int, float))]
+            finite = [v if v == v else float("-inf") for v in values]  # NaN never counts as a best
+            if finite and len(finite) - 1 - max(range(len(finite)), key=finite.__getitem__) >= patience:
+                acc.set_trigger()
+        if acc.check_trigger():
+            self.stopped_early = True
+            acc.print(
+                f"early stop at step {self.global_step}: {patience} evaluation(s) without a better {metric}"
+            )
+            return True
+        return False
+
     def _finish(self, start: float) -> None:
         """The final evaluation and checkpoint, unless the last step already has them."""
         if not self.history or self.history[-1]["step"] != self.global_step:
@@ -369,6 +394,7 @@ class Engine:
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "history": self.history,
+            "stopped_early": self.stopped_early,
             "seed": self.seed,
             "scheduler": checkpoints.scheduler_state(self.scheduler),
         }
@@ -385,6 +411,7 @@ class Engine:
         self.epoch = state["epoch"]
         self.batches_done = state["batches_done"]
         self.history = state.get("history", [])
+        self.stopped_early = bool(state.get("stopped_early", False))
         if "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         self.accelerator.print(f"resumed from {path} at step {self.global_step} (epoch {self.epoch})")

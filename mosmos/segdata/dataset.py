@@ -164,11 +164,12 @@ def read_seg_dataset(
         raise DataError(f"{json_path}: declares no foreground labels (only background); nothing to segment")
     train.sort(key=lambda c: c.case_id)
     test.sort(key=lambda c: c.case_id)
-    later = _check_duplicates(root, train + test, problems)
-    if later:
-        n_train = len(train)
-        train = [c for i, c in enumerate(train) if i not in later]
-        test = [c for i, c in enumerate(test, start=n_train) if i not in later]
+    # imagesTr and imagesTs are separate sets (nnU-Net): a test case may reuse a training case's id,
+    # as some public releases do; within one set an id must be unique
+    later_train = _check_duplicates(root, train, problems)
+    later_test = _check_duplicates(root, test, problems)
+    train = [c for i, c in enumerate(train) if i not in later_train]
+    test = [c for i, c in enumerate(test) if i not in later_test]
     label_to_organ, ignored = {}, {}
     if vocab is not None:
         label_to_organ, ignored = map_labels(str(root), ds_name, foreground, vocab, label_map, ignore)

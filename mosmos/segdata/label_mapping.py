@@ -2,7 +2,9 @@
 
 An explicit per-dataset ``label_map`` wins; otherwise the vocabulary's label spellings
 (``configs/organs.yaml``) decide. A label that maps to nothing, or two labels on one organ, is an
-error naming the config key that fixes it, unless the config ignores the label.
+error naming the config key that fixes it, unless the config ignores the label. Labels that the
+vocabulary lists as parts of one organ (TotalSegmentator's five lung lobes, its ribs and vertebrae)
+merge into that organ.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def _resolve_organ(vocab: Vocabulary, spec: str) -> str | None:
         if phrase in organ.synonyms:
             return organ.name
     return None
+
+
+def _whole_spellings(vocab: Vocabulary, organ: str) -> set[str]:
+    """Normalised spellings that name the whole organ (not one of its parts)."""
+    o = vocab[organ]
+    return {normalize_label_name(s) for s in (o.name, o.display, *o.label_names)}
 
 
 def _find_label(labels: dict[int, str], key: str) -> int | None:
@@ -151,7 +159,17 @@ def map_labels(
     by_organ: dict[str, list[int]] = {}
     for label_id, organ in mapped.items():
         by_organ.setdefault(organ, []).append(label_id)
-    clashes = {o: ids for o, ids in by_organ.items() if len(ids) > 1}
+
+    def merged_parts(ids: list[int]) -> bool:
+        """Several labels on one organ are fine when the vocabulary lists each as a part of it."""
+        return all(
+            i not in explicit
+            and vocab.lookup_part(labels[i]) == mapped[i]
+            and normalize_label_name(labels[i]) not in _whole_spellings(vocab, mapped[i])
+            for i in ids
+        )
+
+    clashes = {o: ids for o, ids in by_organ.items() if len(ids) > 1 and not merged_parts(ids)}
     if clashes:
         organ, ids = next(iter(clashes.items()))
         which = " and ".join(f"{labels[i]!r} (id {i})" for i in ids)
