@@ -8,10 +8,13 @@ Strategies (see :data:`STRATEGIES`):
   lists); ``mosmos+attention`` uses the same encoder and also feeds its pixel-tag attention maps to
   the decoder.
 * ``mosmos_variant``: the paper's objective with the departures named in ``objective_variants``
-  (e.g. ``[lit, pooled_tags]``), reported beside ``mosmos``.
+  (e.g. ``[lit, pooled_tags]``), reported beside ``mosmos``; ``shuffled_variant`` is its control.
 * ``contrastive_only`` / ``tags_only``: stage 1 with the tag terms / the contrastive term off.
 * ``shuffled_tags``: the ``mosmos`` stage 1 with every scan paired with another scan's report: the
   same compute without the true pairing (the control a report-supervision gain must beat).
+* ``mosmos+masks``: the ``mosmos`` stage 1 with the labelled scans of ``data.mask_datasets`` (default:
+  ``data.other_datasets``) also supervising each organ's attention map (stage 1's
+  ``data.mask_datasets``; see docs/stage1-pretrain.md).
 * ``multidataset``: supervised stage 2 pretraining on ``data.other_datasets``; its encoder is
   exported in the stage 1 format and initialises the target run.
 * ``checkpoint:PATH``: any encoder a user brings (a stage 1 run directory or encoder.safetensors).
@@ -26,6 +29,7 @@ from mosmos.finetune.config import SlidingWindowEval
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "OBJECTIVE_VARIANT_RUNS",
     "STAGE1_VARIANTS",
     "STRATEGIES",
     "STRATEGY_VARIANT",
@@ -48,7 +52,11 @@ STAGE1_VARIANTS: dict[str, list[str]] = {
     ],
     "tags_only": ["train.variants=[]", "train.contrastive_weight=0"],
     "shuffled_tags": ["train.variants=[]", "data.shuffle_reports=true"],
+    "shuffled_variant": ["data.shuffle_reports=true"],  # and train.variants as mosmos_variant
+    "mosmos_masks": ["train.variants=[]"],  # and data.mask_datasets from BenchmarkConfig (plan.py)
 }
+#: Stage 1 variants whose train.variants is BenchmarkConfig.objective_variants.
+OBJECTIVE_VARIANT_RUNS = ("mosmos_variant", "shuffled_variant")
 #: Strategy -> the pretraining variant whose encoder initialises it (None: no pretraining).
 STRATEGY_VARIANT: dict[str, str | None] = {
     "random": None,
@@ -59,6 +67,8 @@ STRATEGY_VARIANT: dict[str, str | None] = {
     "mosmos+attention": "mosmos",
     "multidataset": "multidataset",
     "shuffled_tags": "shuffled_tags",
+    "shuffled_variant": "shuffled_variant",
+    "mosmos+masks": "mosmos_masks",
 }
 STRATEGIES = tuple(STRATEGY_VARIANT)
 
@@ -79,6 +89,9 @@ class BenchmarkData:
     pretrain_image_root: str | None = None  # stage 1 image folder (null: the stage 1 config's)
     pretrain_ground_truth: str | None = None  # synthetic ground truth for the pointing game (optional)
     other_datasets: list[str] = field(default_factory=list)  # multidataset: supervised pretraining data
+    # mosmos+masks: the segmentation datasets whose labelled scans supervise stage 1's attention maps
+    # (null: data.other_datasets)
+    mask_datasets: list[str] | None = None
     cache_dir: str | None = None  # preprocessed-volume cache of every run (default: OUTPUT_DIR/cache)
 
 
@@ -114,7 +127,7 @@ class BenchmarkConfig:
     seed: int = 0  # seed of the pretraining variants (each cell uses its own from `seeds`)
     data: BenchmarkData = field(default_factory=BenchmarkData)
     # initialisation strategies: random, mosmos, contrastive_only, tags_only, mosmos+attention,
-    # multidataset, shuffled_tags, checkpoint:PATH
+    # mosmos+masks, multidataset, shuffled_tags, checkpoint:PATH
     strategies: list[str] = field(default_factory=lambda: ["random", "mosmos", "shuffled_tags"])
     fractions: list[float] = field(default_factory=lambda: [0.25, 1.0])  # shares of target training cases
     # numbers of labelled target training cases (nested, seeded subsets; e.g. [1, 2, 4, 8]): a label
@@ -185,9 +198,12 @@ class BenchmarkConfig:
                 "pretrain_config is required by the stage 1 strategies "
                 f"{[s for s in self.strategies if STRATEGY_VARIANT.get(s) in STAGE1_VARIANTS]}"
             )
-        if "mosmos_variant" in variants and not self.objective_variants:
+        if variants & set(OBJECTIVE_VARIANT_RUNS) and not self.objective_variants:
             raise ConfigError(
-                "objective_variants is required by the mosmos_variant strategy, e.g. [lit, pooled_tags]"
+                "objective_variants is required by the mosmos_variant and shuffled_variant strategies, "
+                "e.g. [lit, pooled_tags]"
             )
+        if "mosmos_masks" in variants and not (self.data.mask_datasets or self.data.other_datasets):
+            raise ConfigError("data.mask_datasets (or data.other_datasets) is required by mosmos+masks")
         if "multidataset" in variants and not self.data.other_datasets:
             raise ConfigError("data.other_datasets is required by the multidataset strategy")

@@ -17,7 +17,13 @@ from typing import Any
 
 import yaml
 
-from mosmos.benchmark.config import CHECKPOINT_PREFIX, STAGE1_VARIANTS, STRATEGY_VARIANT, BenchmarkConfig
+from mosmos.benchmark.config import (
+    CHECKPOINT_PREFIX,
+    OBJECTIVE_VARIANT_RUNS,
+    STAGE1_VARIANTS,
+    STRATEGY_VARIANT,
+    BenchmarkConfig,
+)
 from mosmos.config import apply_overrides, from_dict, to_dict
 from mosmos.errors import ConfigError
 from mosmos.export import ENCODER_JSON, ENCODER_WEIGHTS, read_encoder_export
@@ -240,8 +246,10 @@ def make_plan(cfg: BenchmarkConfig) -> Plan:
             else:
                 updates = {"seed": variant_seed, **pretrain_data}
                 overrides = [*cfg.pretrain_overrides, *STAGE1_VARIANTS[name]]
-                if name == "mosmos_variant":
+                if name in OBJECTIVE_VARIANT_RUNS:
                     overrides.append(f"train.variants=[{','.join(cfg.objective_variants)}]")
+                if name == "mosmos_masks":
+                    updates["data.mask_datasets"] = list(cfg.data.mask_datasets or cfg.data.other_datasets)
                 vcfg = _stage_config(PretrainConfig, pretrain_path, overrides, updates, "pretrain_overrides")
             digest = config_hash(vcfg)  # not over output_dir: a moved benchmark folder still matches
             vcfg.output_dir = str(out / "pretrain" / f"{name}-{digest}")

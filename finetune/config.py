@@ -9,7 +9,8 @@ from mosmos.engine import TrainConfig
 from mosmos.errors import ConfigError
 from mosmos.transforms import resolve_augment
 
-SEGMENTERS = ("mo_ctrans", "unet", "unetr")
+SEGMENTERS = ("mo_ctrans", "mo_ctrans_conv", "unet", "unetr")
+DEEP_SUPERVISED = ("unet", "mo_ctrans_conv")  # networks whose decoder has deep-supervision outputs
 
 
 @dataclass
@@ -74,11 +75,13 @@ class FinetuneData:
 
 @dataclass
 class FinetuneModel:
-    name: Literal["mo_ctrans", "unet", "unetr"] = "mo_ctrans"  # segmentation network (see `mosmos models`)
+    # segmentation network: mo_ctrans (the paper's Transformer decoder over one token grid, a task token
+    # per dataset), mo_ctrans_conv (a U-Net decoder with windowed task-token transformers), unet, unetr
+    name: Literal["mo_ctrans", "mo_ctrans_conv", "unet", "unetr"] = "mo_ctrans"
     # "random", a stage 1 run directory, or an encoder .safetensors file (encoder.json beside it)
     init: str = "random"
     # image encoder registry name and kwargs; null: from the stage 1 encoder.json (init=PATH), else
-    # the network's default (rescnn3d for mo_ctrans/unet, vit3d for unetr)
+    # the network's default (rescnn3d for mo_ctrans/mo_ctrans_conv/unet, vit3d for unetr)
     encoder: str | None = None
     encoder_kwargs: dict | None = None  # constructor arguments of the encoder; null: as for encoder
     decoder_kwargs: dict = field(default_factory=dict)  # network-specific decoder arguments
@@ -132,6 +135,9 @@ class FinetuneTrain(TrainConfig):
     freeze_encoder_steps: int = 0  # keep the encoder fixed for the first N optimizer steps
     # multitalent only: pool the Dice sums of each channel over the batch (nnU-Net's batch Dice)
     batch_dice: bool = True
+    # nnU-Net's deep supervision: the loss also on the decoder's coarser outputs, weighted 1/2^k
+    # (normalised); unet and mo_ctrans_conv only, any strategy but mutual
+    deep_supervision: bool = False
     mutual: MutualConfig = field(default_factory=MutualConfig)  # train.strategy=mutual settings
 
     def validate(self) -> None:
@@ -177,6 +183,13 @@ class FinetuneConfig:
         if not self.data.datasets:
             raise ConfigError(
                 "data.datasets is required: a list of nnU-Net / MSD dataset folders or datalist JSONs"
+            )
+        if self.train.deep_supervision and (
+            self.model.name not in DEEP_SUPERVISED or self.train.strategy == "mutual"
+        ):
+            raise ConfigError(
+                f"train.deep_supervision=true needs model.name in {list(DEEP_SUPERVISED)} and a strategy "
+                f"other than mutual (got model.name={self.model.name}, train.strategy={self.train.strategy})"
             )
         if self.model.attention_maps and self.model.init == "random":
             raise ConfigError(

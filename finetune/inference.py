@@ -13,7 +13,9 @@ and reorientation), so probabilities and label maps have exactly the input's sha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_preprocess
 logger = logging.getLogger("mosmos")
 
 MODEL_FORMAT = "mosmos-segmenter-v1"
+#: a weight of the convolutional MO-CTranS decoder (``mo_ctrans_conv``): one task token per stage
+_PER_STAGE_TOKEN = re.compile(r"(^|\.)transformers\.\d+\.task_token\.")
 MODEL_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 
@@ -102,6 +106,20 @@ def build_from_spec(spec: ModelSpec) -> torch.nn.Module:
     return create_model("segmenter", spec.name, encoder=encoder, attention_head=head, **decoder)
 
 
+def legacy_spec(spec: ModelSpec, state: dict[str, torch.Tensor]) -> ModelSpec:
+    """``spec`` with the network that wrote ``state``: run directories from before the paper's
+    MO-CTranS decoder took the name ``mo_ctrans`` hold the convolutional decoder now registered as
+    ``mo_ctrans_conv``. Its weights say so (a task token per stage, ``transformers.<k>.task_token``);
+    the faithful decoder has one ``task_token`` at the top. Ensembles of it are renamed likewise."""
+    if not any(_PER_STAGE_TOKEN.search(k) for k in state):
+        return spec
+    if spec.name == "mo_ctrans":
+        return dataclasses.replace(spec, name="mo_ctrans_conv")
+    if spec.name == "ensemble" and spec.decoder.get("member") == "mo_ctrans":
+        return dataclasses.replace(spec, decoder={**spec.decoder, "member": "mo_ctrans_conv"})
+    return spec
+
+
 def save_model(run_dir: str | Path, model: torch.nn.Module, spec: ModelSpec) -> None:
     """Write ``model.safetensors`` and ``model.json`` atomically."""
     from safetensors.torch import save_file
@@ -134,11 +152,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
         spec = ModelSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")), str(spec_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{spec_path}: not valid JSON: {e}") from None
-    model = build_from_spec(spec)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{weights}: not a readable safetensors file: {e}") from None
+    model = build_from_spec(legacy_spec(spec, state))
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(

@@ -28,7 +28,12 @@ from mosmos.export import PREFIXES, EncoderExport, build_tag_head, export_paths,
 __all__ = ["DEFAULT_ENCODERS", "LoadReport", "build_segmenter", "load_encoder_weights"]
 
 #: Encoder built for each segmenter when ``init="random"`` and no ``encoder`` is named.
-DEFAULT_ENCODERS = {"unet": "rescnn3d", "mo_ctrans": "rescnn3d", "unetr": "vit3d"}
+DEFAULT_ENCODERS = {
+    "unet": "rescnn3d",
+    "mo_ctrans": "rescnn3d",
+    "mo_ctrans_conv": "rescnn3d",
+    "unetr": "vit3d",
+}
 #: Encoders whose input size is fixed at construction (``img_size``).
 _SIZED_ENCODERS = ("vit3d", "vit2d")
 #: The export part each segmenter module loads from.
@@ -134,7 +139,7 @@ def build_segmenter(
     """Build a registered segmenter, from scratch or around a stage 1 encoder.
 
     Args:
-        name: registered segmenter (``unet``, ``mo_ctrans``, ``unetr``).
+        name: registered segmenter (``unet``, ``mo_ctrans``, ``mo_ctrans_conv``, ``unetr``).
         num_classes: output channels (organs).
         num_tasks: task tokens (datasets).
         init: ``"random"``, or a stage 1 export (run directory or ``encoder.safetensors``).

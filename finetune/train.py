@@ -41,7 +41,12 @@ class FinetuneTask:
 
     def __init__(self, cfg: FinetuneConfig, accelerator) -> None:
         from mosmos.finetune.pretrained import build_segmenter
-        from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss, MultiTalentLoss
+        from mosmos.models.seg_losses import (
+            DeepSupervisionLoss,
+            MarginalLoss,
+            MaskedBCEDiceLoss,
+            MultiTalentLoss,
+        )
 
         self.cfg, self.accelerator = cfg, accelerator
         self.output_dir = Path(cfg.output_dir)
@@ -62,6 +67,9 @@ class FinetuneTask:
                 },
             )
         self.data.preprocess = preprocess
+        decoder_kwargs = dict(cfg.model.decoder_kwargs)
+        if cfg.train.deep_supervision:
+            decoder_kwargs["deep_supervision"] = True
         self.model, report = build_segmenter(
             cfg.model.name,
             num_classes=len(self.data.organs),
@@ -70,7 +78,7 @@ class FinetuneTask:
             encoder=cfg.model.encoder,
             encoder_kwargs=cfg.model.encoder_kwargs,
             use_attention_maps=cfg.model.attention_maps,
-            decoder_kwargs=cfg.model.decoder_kwargs,
+            decoder_kwargs=decoder_kwargs,
             img_size=tuple(cfg.data.patch_size),
         )
         check_divisible(
@@ -93,6 +101,8 @@ class FinetuneTask:
             )
         else:
             self.loss = MaskedBCEDiceLoss(bce_weight=cfg.train.bce_weight, dice_weight=cfg.train.dice_weight)
+        if cfg.train.deep_supervision:  # the same loss at every supervised resolution, nnU-Net's weights
+            self.loss = DeepSupervisionLoss(self.loss)
         prefixes = ["encoder.", "attention_head."]
         self.lr_scale = dict.fromkeys(prefixes, cfg.train.encoder_lr_scale)
         self.freeze_steps = dict.fromkeys(prefixes, cfg.train.freeze_encoder_steps)
@@ -123,7 +133,8 @@ class FinetuneTask:
             accelerator.print(f"  task {t.index} {t.name}: {n_train} training cases, organs {t.organs}")
 
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        logits = model(batch["image"], task=batch["task"], mask=batch["body_mask"])
+        deep = {"intermediates": True} if self.cfg.train.deep_supervision else {}
+        logits = model(batch["image"], task=batch["task"], mask=batch["body_mask"], **deep)
         return self.loss.components(logits, batch["label"], batch["labelled"])
 
     def validation_rows(self, model: torch.nn.Module) -> list[dict]:

@@ -10,7 +10,14 @@ from torch import nn
 
 from mosmos.models.distributed import all_gather_with_grad, gather_sizes, is_distributed, rank_and_world
 
-__all__ = ["ClipLoss", "TagLoss", "class_balance_weights"]
+__all__ = [
+    "ClipLoss",
+    "TagLoss",
+    "attention_equivariance_loss",
+    "attention_mask_loss",
+    "class_balance_weights",
+    "organ_fractions",
+]
 
 
 class ClipLoss(nn.Module):
@@ -250,3 +257,85 @@ class TagLoss(nn.Module):
         per_entry = torch.where(positive, loss_pos, loss_neg)
         per_entry = torch.where(keep, per_entry, torch.zeros_like(per_entry))
         return per_entry.sum() / keep.sum().clamp_min(1)
+
+
+def organ_fractions(labels: torch.Tensor, num_tags: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """``[B, num_tags, *grid]``: the share of each attention cell's voxels that lie in each organ.
+
+    Args:
+        labels: ``[B, 1, *size]`` label maps whose value ``k + 1`` marks organ tag ``k`` (0: none),
+            with ``size`` a whole multiple of ``grid`` (the encoder's stride).
+        num_tags: the number of organ tags.
+        grid: the attention map's spatial size.
+    """
+    if labels.ndim < 3 or labels.shape[1] != 1:
+        raise ValueError(f"labels must be [B, 1, *size], got {tuple(labels.shape)}")
+    onehot = F.one_hot(labels[:, 0].long().clamp(0, num_tags), num_tags + 1)[..., 1:]
+    onehot = onehot.movedim(-1, 1).float()  # [B, T, *size]
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(grid)]
+    return pool(onehot, tuple(grid))
+
+
+def attention_mask_loss(
+    attn: torch.Tensor, fractions: torch.Tensor, supervised: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Mask supervision of pixel-tag attention (``mosmos+masks``): ``-log`` of the attention mass
+    that falls inside the organ, averaged over the supervised (scan, organ) pairs.
+
+    The mass inside is ``sum_c attn[c] * fractions[c]`` over the map's cells ``c``: the share of the
+    map inside the organ when each cell's mass is spread evenly over its voxels. The loss is 0 when
+    every cell the map attends to lies wholly inside the organ, whatever the map's shape inside it (a
+    map may still peak on a lesion), unlike a KL divergence to the normalised mask, which would ask
+    for a map spread evenly over the organ. An organ smaller than any cell cannot reach 0: its
+    minimum is ``-log(max_c fractions[c])``. Weakly supervised localisation with a few pixel-level
+    labels mixed in: e.g. Papandreou et al., "Weakly- and semi-supervised learning of a DCNN for
+    semantic image segmentation", ICCV 2015.
+
+    Args:
+        attn: ``[B, T, *grid]`` attention maps, each summing to 1 over its cells.
+        fractions: ``[B, T, *grid]`` organ share of each cell (:func:`organ_fractions`).
+        supervised: ``[B, T]`` bool, the pairs that count (the organ is labelled in that scan's dataset
+            and has voxels in it).
+        eps: floor of the mass inside (a map with no cell on its organ costs ``-log(eps)``).
+
+    Returns:
+        The mean over supervised pairs; a zero that keeps the graph when there is none.
+
+    Example::
+
+        frac = organ_fractions(batch["labels"], num_tags=11, grid=attn.shape[2:])
+        loss = attention_mask_loss(attn, frac, batch["mask_organs"] & (frac.flatten(2).sum(-1) > 0))
+    """
+    if attn.shape != fractions.shape:
+        raise ValueError(f"attn {tuple(attn.shape)} and fractions {tuple(fractions.shape)} must match")
+    if tuple(supervised.shape) != tuple(attn.shape[:2]):
+        raise ValueError(f"supervised must be [B, T]={tuple(attn.shape[:2])}, got {tuple(supervised.shape)}")
+    inside = (attn.float() * fractions.float()).flatten(2).sum(-1)  # [B, T]
+    keep = supervised.bool()
+    if not keep.any():
+        return attn.sum() * 0.0
+    return -torch.log(inside[keep].clamp_min(eps)).mean()
+
+
+def attention_equivariance_loss(
+    attn: torch.Tensor, attn_of_flipped: torch.Tensor, dims: list[int]
+) -> torch.Tensor:
+    """Flip equivariance of attention maps: the map of a flipped scan must be the flipped map.
+
+    Mean total-variation distance ``0.5 * sum_c |flip(attn)[c] - attn_of_flipped[c]|`` over the
+    ``[B, T]`` maps: 0 for perfectly equivariant maps, 1 for maps with disjoint supports. (The
+    equivariance constraint of Wang et al., "Self-supervised Equivariant Attention Mechanism for
+    Weakly Supervised Semantic Segmentation", CVPR 2020, with flips as the transformation.)
+
+    Args:
+        attn: ``[B, T, *grid]`` maps of the scans.
+        attn_of_flipped: ``[B, T, *grid]`` maps of the scans flipped along ``dims``.
+        dims: the flipped dimensions of the maps (spatial ones: ``>= 2``).
+    """
+    if attn.shape != attn_of_flipped.shape:
+        raise ValueError(
+            f"attn {tuple(attn.shape)} and attn_of_flipped {tuple(attn_of_flipped.shape)} must match"
+        )
+    if not dims or min(dims) < 2 or max(dims) >= attn.ndim:
+        raise ValueError(f"dims={dims} must be spatial dimensions of the [B, T, *grid] maps")
+    return 0.5 * (attn.flip(dims) - attn_of_flipped).abs().flatten(2).sum(-1).mean()

@@ -33,6 +33,8 @@ __all__ = [
     "ENCODER_WEIGHTS",
     "EXPORT_FORMAT",
     "PREFIXES",
+    "PRETRAINED_CONFIG",
+    "PRETRAINED_WEIGHTS",
     "EncoderExport",
     "LoadedEncoder",
     "Preprocessing",
@@ -48,6 +50,10 @@ EXPORT_FORMAT = "mosmos-encoder-v2"
 _V1_FORMAT = "mosmos-encoder-v1"  # before the objective, projections, text tower and commit were recorded
 ENCODER_JSON = "encoder.json"
 ENCODER_WEIGHTS = "encoder.safetensors"
+#: What ``mosmos export`` writes (Hugging Face's names): the record of :mod:`mosmos.api`, whose
+#: ``encoder`` entry is an ``encoder.json``, and the weights, named as in ``encoder.safetensors``.
+PRETRAINED_CONFIG = "config.json"
+PRETRAINED_WEIGHTS = "model.safetensors"
 #: Tensor-name prefix of each part in ``encoder.safetensors``.
 PREFIXES = {part: f"{part}." for part in ("encoder", "tag_attention", "image_projection", "text_projection")}
 _PROJECTIONS = ("image", "text")
@@ -226,9 +232,12 @@ def write_encoder_export(
 
 
 def export_paths(path: str | Path) -> tuple[Path, Path]:
-    """``(encoder.json, encoder.safetensors)`` of an export folder, or of either file's folder."""
+    """``(encoder.json, encoder.safetensors)`` of an export folder, or of either file's folder;
+    ``(config.json, model.safetensors)`` of a ``mosmos export`` folder of a stage 1 run."""
     path = Path(path)
     if path.is_dir():
+        if not (path / ENCODER_JSON).exists() and (path / PRETRAINED_CONFIG).is_file():
+            return path / PRETRAINED_CONFIG, path / PRETRAINED_WEIGHTS
         return path / ENCODER_JSON, path / ENCODER_WEIGHTS
     if path.suffix == ".safetensors":
         return path.parent / ENCODER_JSON, path
@@ -316,6 +325,13 @@ def read_encoder_export(path: str | Path) -> tuple[EncoderExport, dict[str, torc
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read {json_path}: {err}") from None
+    if json_path.name == PRETRAINED_CONFIG:  # a `mosmos export` folder: the encoder record inside
+        if not isinstance(data, dict) or not isinstance(data.get("encoder"), dict):
+            kind = data.get("kind") if isinstance(data, dict) else None
+            raise ConfigError(
+                f"{json_path}: not the export of a stage 1 run (kind {kind!r}, no 'encoder' record)"
+            )
+        data = data["encoder"]
     meta = _parse(data, json_path)
     try:
         tensors = load_file(str(tensor_path))

@@ -46,8 +46,20 @@ class PretrainData:
     # a case that fails them: "error" stops before training and lists every problem; "skip" leaves it
     # out and records it in RUN/skipped.csv
     on_bad_case: Literal["error", "skip"] = "error"
+    # mosmos+masks: segmentation datasets (nnU-Net / MSD folders, datalists) whose labelled training
+    # cases also supervise each organ's attention map; empty: off (the objective stays report-only)
+    mask_datasets: list[str] = field(default_factory=list)
+    mask_ratio: float = 0.25  # share of each training batch given to masked scans (with data.mask_datasets)
+    mask_max_cases: int | None = None  # labelled cases used per mask dataset (first by case id; null: all)
+    # per mask dataset (by name), its label name -> vocabulary organ, winning over the vocabulary's spellings
+    mask_label_map: dict = field(default_factory=dict)
+    mask_ignore_labels: dict = field(default_factory=dict)  # per mask dataset, label names to leave out
 
     def validate(self) -> None:
+        if self.mask_datasets and not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"data.mask_ratio={self.mask_ratio} must be between 0 and 1 (exclusive)")
+        if self.mask_max_cases is not None and self.mask_max_cases < 1:
+            raise ConfigError(f"data.mask_max_cases={self.mask_max_cases} must be >= 1 or null")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ConfigError(f"data.spacing={self.spacing} must be three positive numbers (mm)")
         if len(self.size) != 3 or min(self.size) < 8:
@@ -123,6 +135,7 @@ PAPER_OBJECTIVE: dict[str, object] = {
     "train.embedding_tag_weight": 0.0,
     "train.pooled_tag_weight": 0.0,
     "model.embedding_from_tags": False,
+    "train.equivariance_weight": 0.0,
 }
 
 OBJECTIVE_VARIANTS: dict[str, ObjectiveVariant] = {
@@ -142,6 +155,10 @@ OBJECTIVE_VARIANTS: dict[str, ObjectiveVariant] = {
     "tags_in_embedding": ObjectiveVariant(
         {"model.embedding_from_tags": True},
         "the image embedding's projection also reads the pixel-tag head's logits",
+    ),
+    "equivariance": ObjectiveVariant(
+        {"train.equivariance_weight": 0.1},
+        "the attention maps of a flipped scan must be the flipped maps (weight 0.1; a second encoder pass)",
     ),
 }
 
@@ -188,7 +205,7 @@ class PretrainTrain(TrainConfig):
     contrastive_weight: float = 1.0  # weight of the image-report InfoNCE term (0 disables it)
     tag_weight: float = 1.0  # weight of the organ-tag term (0 disables it)
     # named departures from the paper's objective (see OBJECTIVE_VARIANTS: lit, embedding_tags,
-    # pooled_tags, tags_in_embedding); empty: the paper's objective
+    # pooled_tags, tags_in_embedding, equivariance); empty: the paper's objective
     variants: list[str] = field(default_factory=list)
     embedding_tag_weight: float = 0.0  # tags predicted from the image and report embeddings (0 disables)
     pooled_tag_weight: float = 0.0  # tags predicted linearly from the encoder's pooled features (0 disables)
@@ -199,9 +216,15 @@ class PretrainTrain(TrainConfig):
     # share of the image-embedding (contrastive, embedding-tag) gradient that reaches the image encoder;
     # 0: the encoder learns from the tag heads only and the text tower aligns to it (LiT)
     image_embedding_grad: float = 1.0
+    # weight of the attention-mask term on the masked scans of data.mask_datasets (mosmos+masks)
+    mask_weight: float = 1.0
+    # weight of the attention-equivariance term under random flips (variant equivariance; 0 disables it)
+    equivariance_weight: float = 0.0
 
     def validate(self) -> None:
         super().validate()
+        if self.mask_weight < 0 or self.equivariance_weight < 0:
+            raise ConfigError("train.mask_weight and train.equivariance_weight must be >= 0")
         if (
             self.contrastive_weight < 0
             or self.tag_weight < 0

@@ -202,8 +202,11 @@ class ReportCollator:
     Tokenising here, in the data loader, keeps it out of ``forward`` and off the training process;
     so does ``augment`` (e.g. :meth:`ImageReportDataset.augment_batch`), applied to the stacked batch
     when given: on a CPU, a loader worker then augments the next batch while the model computes.
-    Output: ``image``, ``body_mask``, ``tags`` (and ``labels``) stacked; ``input_ids`` and
-    ``attention_mask`` ``[B, L]``; ``report``, ``case_id`` and ``index`` as lists.
+    ``mix`` (e.g. :class:`mosmos.pretrain.masks.MaskMixer`) may first replace some items (by masked
+    scans), before anything is stacked.
+    Output: ``image``, ``body_mask``, ``tags`` (and ``labels``, and with ``mix`` ``mask_organs`` and
+    ``masked``) stacked; ``input_ids`` and ``attention_mask`` ``[B, L]``; ``report``, ``case_id`` and
+    ``index`` as lists.
     """
 
     def __init__(
@@ -211,20 +214,26 @@ class ReportCollator:
         tokenizer: Any,
         max_length: int = 256,
         augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        mix: Callable[[Sequence[Mapping[str, Any]]], Sequence[Mapping[str, Any]]] | None = None,
     ) -> None:
         if max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.augment = augment
+        self.mix = mix
 
     def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not batch:
             raise ValueError("ReportCollator got an empty batch")
+        if self.mix is not None:
+            batch = self.mix(batch)
         out: dict[str, Any] = {}
-        for key in ("image", "body_mask", "tags", "labels"):
+        for key in ("image", "body_mask", "tags", "labels", "mask_organs"):
             if key in batch[0]:
                 out[key] = torch.stack([b[key] for b in batch])
+        if "masked" in batch[0]:
+            out["masked"] = torch.tensor([bool(b["masked"]) for b in batch])
         reports = [b["report"] for b in batch]
         tok = self.tokenizer(
             reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
@@ -249,12 +258,17 @@ class PretrainData:
     skipped: list[Any] = field(default_factory=list)  # Problems of the cases left out (on_bad_case=skip)
     # per validation scan, its organs' ground-truth status and findings (synthetic findings.json), if any
     val_findings: list[dict] | None = None
+    # mosmos+masks: what puts the masked scans of data.mask_datasets into training batches (else None)
+    mask_mixer: Any = None
 
     @staticmethod
     def make_collator(
-        tokenizer: Any, max_length: int, augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        tokenizer: Any,
+        max_length: int,
+        augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        mix: Callable[[Sequence[Mapping[str, Any]]], Sequence[Mapping[str, Any]]] | None = None,
     ) -> ReportCollator:
-        return ReportCollator(tokenizer, max_length, augment)
+        return ReportCollator(tokenizer, max_length, augment, mix)
 
 
 def _ground_truth(root: Path, records: list[dict], organs: list[str]) -> tuple[list[Path], list[int | None]]:
@@ -291,7 +305,9 @@ def _findings(root: Path, records: list[dict]) -> list[dict] | None:
 def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
     """Read the report table, parse tags, split by seed and build the cached datasets of a
     :class:`mosmos.pretrain.config.PretrainConfig`. With ``data.shuffle_reports`` every scan is paired with
-    another scan's report (and its tags): the shuffled-report control of the benchmark."""
+    another scan's report (and its tags): the shuffled-report control of the benchmark. With
+    ``data.mask_datasets`` the labelled scans of those datasets come as ``mask_mixer``, for the
+    training collator (``mosmos+masks``: :mod:`mosmos.pretrain.masks`)."""
     from mosmos.check.cases import CaseFiles
     from mosmos.check.startup import start_up_checks
     from mosmos.pretrain.tag_labels import apply_labels, label_organs, read_labels_table
@@ -361,12 +377,22 @@ def build_datasets(cfg: Any, vocabulary: Any) -> PretrainData:
             seed=cfg.seed,
         )
 
+    train = subset(train_idx, train=True, with_labels=False)
+    mixer = None
+    if d.mask_datasets:
+        from mosmos.pretrain.masks import MaskMixer, build_masked_scans
+
+        scans = build_masked_scans(
+            cfg, vocabulary, preprocess, cache_dir, index_offset=len(train), volumes_class=ImageReportDataset
+        )
+        mixer = MaskMixer(scans, d.mask_ratio, cfg.seed, epoch_source=train)
     return PretrainData(
-        train=subset(train_idx, train=True, with_labels=False),
+        train=train,
         val=subset(val_idx, train=False, with_labels=True),
         train_reports=[records[i]["report"] for i in train_idx],
         train_tags=tags[train_idx],
         organ_label_ids=organ_ids,
         skipped=skipped,
         val_findings=val_findings,
+        mask_mixer=mixer,
     )

@@ -52,6 +52,12 @@ class PretrainTask:
         from mosmos.pretrain.text import build_text_side
 
         self.cfg = cfg
+        if cfg.data.mask_datasets and cfg.train.tag_weight == 0:
+            from mosmos.errors import ConfigError
+
+            raise ConfigError(
+                "data.mask_datasets supervise the tag head's attention, which train.tag_weight=0 removes"
+            )
         self.output_dir = Path(cfg.output_dir)
         self.vocab = load_vocabulary(cfg.data.vocabulary, cfg.data.organs)
         # the encoder first: a config it cannot run fails before any data is read
@@ -122,6 +128,8 @@ class PretrainTask:
             num_tags=len(self.vocab),
             pooled_tag_weight=cfg.train.pooled_tag_weight,
             pooled_dim=image_encoder.embed_dim,
+            mask_weight=cfg.train.mask_weight,
+            equivariance_weight=cfg.train.equivariance_weight,
         )
         if cfg.train.text_lr_scale != 1.0:
             self.lr_scale = {TEXT_PARAMETERS: cfg.train.text_lr_scale}
@@ -129,7 +137,9 @@ class PretrainTask:
         # device; on a CPU in the loader's collation, so a worker does it while the model computes.
         self.augment_in_step = accelerator.device.type == "cuda"
         train_augment = None if self.augment_in_step else self.train_dataset.augment_batch
-        self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length, train_augment)
+        # mosmos+masks: the masked scans take their share of each training batch in its collation
+        self.mask_mixer = data.mask_mixer
+        self.collate_fn = data.make_collator(tokenizer, cfg.data.max_length, train_augment, data.mask_mixer)
         self.eval_collate_fn = data.make_collator(tokenizer, cfg.data.max_length)
 
     def step(self, model, batch) -> dict[str, torch.Tensor]:
@@ -189,22 +199,34 @@ def stage1_objective(cfg: PretrainConfig) -> dict[str, Any]:
     engine = {f.name for f in dataclasses.fields(TrainConfig)}
     from mosmos.pretrain.config import objective_name
 
-    record: dict[str, Any] = {"name": objective_name(cfg.train.variants)}
+    # mosmos+masks is on with data.mask_datasets, not a train.variants entry: it needs data
+    masks = ["masks"] if cfg.data.mask_datasets else []
+    record: dict[str, Any] = {"name": objective_name([*cfg.train.variants, *masks])}
     record.update(
         {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name not in engine}
     )
     record["freeze_text"] = cfg.model.freeze_text
     record["embedding_from_tags"] = cfg.model.embedding_from_tags
     record["shuffle_reports"] = cfg.data.shuffle_reports
+    if masks:
+        record["mask_datasets"] = list(cfg.data.mask_datasets)
+        record["mask_ratio"] = cfg.data.mask_ratio
+        record["mask_max_cases"] = cfg.data.mask_max_cases
     return record
 
 
-def export(task: PretrainTask, objective, output_dir: Path) -> None:
-    """The encoder export (what stage 2 loads), the text tower, attention overlays."""
+def export(task: PretrainTask, objective, output_dir: Path) -> dict[str, Path]:
+    """The encoder export (what stage 2 loads), the text tower, attention overlays; returns the
+    per-organ attention montages written to ``output_dir/attention`` (``{organ: png}``)."""
     from mosmos.pretrain.metrics import save_attention_overlays
+    from mosmos.pretrain.montage import save_attention_montages
 
     cfg, model = task.cfg, objective.model
     has_text, has_tags = model.text_encoder is not None, model.num_tags > 0
+    objective_record = stage1_objective(cfg)
+    mixer = getattr(task, "mask_mixer", None)
+    if mixer is not None:
+        objective_record["mask_scans"] = len(mixer.scans)  # the labelled scans that supervised the maps
     text = temperature = None
     if has_text:
         # the temperature as the loss used it: 1 / the clamped logit scale
@@ -226,13 +248,15 @@ def export(task: PretrainTask, objective, output_dir: Path) -> None:
         projections={"image": model.image_proj, "text": model.text_proj} if has_text else None,
         temperature=temperature,
         text=text,
-        objective=stage1_objective(cfg),
+        objective=objective_record,
     )
     if has_text:
         model.text_encoder.model.save_pretrained(str(output_dir / "text"), safe_serialization=True)
     outputs = getattr(task, "last_outputs", None)
+    montages: dict[str, Path] = {}
     if outputs is not None and outputs["attn_maps"] is not None and cfg.eval.attention_overlays > 0:
-        for i in range(min(cfg.eval.attention_overlays, len(outputs["image"]))):
+        n = min(cfg.eval.attention_overlays, len(outputs["image"]))
+        for i in range(n):
             save_attention_overlays(
                 outputs["image"][i],
                 outputs["attn_maps"][i],
@@ -240,6 +264,40 @@ def export(task: PretrainTask, objective, output_dir: Path) -> None:
                 output_dir / "attention",
                 f"val{i:02d}",
             )
+        ids = getattr(task, "organ_label_ids", None)
+        labels = outputs.get("labels") if ids is not None else None
+        montages = save_attention_montages(
+            outputs["image"][:n],
+            outputs["attn_maps"][:n],
+            task.vocab.names,
+            output_dir / "attention",
+            labels=None if labels is None else labels[:n],
+            organ_label_ids=ids if labels is not None else None,
+        )
+    return montages
+
+
+def log_montages(accelerator, montages: dict[str, Path], output_dir: Path, step: int) -> None:
+    """The attention montages as TensorBoard images (``attention/<organ>``), beside the run's scalars.
+
+    The engine has closed its trackers by now; a writer on the TensorBoard tracker's folder adds an
+    event file there, which TensorBoard reads as the same run."""
+    if not montages:
+        return
+    from matplotlib.image import imread
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        tracker = accelerator.get_tracker("tensorboard")
+        log_dir = getattr(tracker, "logging_dir", None)
+    except (AttributeError, ValueError):
+        log_dir = None
+    writer = SummaryWriter(str(log_dir or output_dir / "logs" / "tb"))
+    try:
+        for organ, path in montages.items():
+            writer.add_image(f"attention/{organ}", imread(path)[..., :3], step, dataformats="HWC")
+    finally:
+        writer.close()
 
 
 def run(cfg: PretrainConfig) -> dict:
@@ -252,7 +310,8 @@ def run(cfg: PretrainConfig) -> dict:
     engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=engine_probe)
     history = engine.fit()
     if engine_probe.is_main_process and not engine.interrupted:
-        export(task, engine_probe.unwrap_model(engine.model), output_dir)
+        montages = export(task, engine_probe.unwrap_model(engine.model), output_dir)
+        log_montages(engine_probe, montages, output_dir, engine.global_step)
         final = history[-1] if history else {}
         print(f"stage 1 finished: {output_dir}/encoder.safetensors")
         for key in (

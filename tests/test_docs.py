@@ -14,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import os
 import re
 import shlex
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -199,29 +197,3 @@ def test_the_command_checks_can_fail():
         with pytest.raises((AssertionError, pytest.fail.Exception)):
             _check_mosmos(args, "test")
     _check_mosmos(["pretrain", "--config", "pretrain/demo", "train.epochs=3"], "test")
-
-
-@pytest.fixture(scope="module")
-def stage1_export(tmp_path_factory) -> Path:
-    """A folder holding a tiny stage 1 export at ``runs/pretrain``, written by stage 1's own export."""
-    from mosmos.pretrain.train import export
-    from tests.test_export import ORGANS, _config, _model
-
-    root = tmp_path_factory.mktemp("readme")
-    out = root / "runs" / "pretrain"
-    out.mkdir(parents=True)
-    task = SimpleNamespace(cfg=_config(out), vocab=SimpleNamespace(names=ORGANS))
-    export(task, SimpleNamespace(model=_model(seed=0)), out)
-    return root
-
-
-def test_the_readme_python_example_runs(stage1_export):
-    [code] = PYTHON_BLOCK.findall(README.read_text(encoding="utf-8"))
-    cwd = Path.cwd()
-    os.chdir(stage1_export)
-    try:
-        namespace: dict = {}
-        exec(compile(code, "README.md", "exec"), namespace)
-    finally:
-        os.chdir(cwd)
-    assert namespace["logits"].shape[:2] == (1, len(namespace["enc"].export.organs))

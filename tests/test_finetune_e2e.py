@@ -123,8 +123,13 @@ def test_predict_writes_label_maps_in_the_inputs_geometry(tiny_run, tiny_synth, 
     assert labels["0"] == "background" and len(labels) == 1 + len(
         json.loads((tiny_run / "model.json").read_text())["organs"]
     )
-    probs = nib.load(out / src.name.replace("_0000", "_probs"))
-    assert probs.shape[:3] == ref.shape
+    with np.load(out / src.name.replace("_0000.nii.gz", ".npz")) as saved:
+        probs, organs = saved["probabilities"], list(saved["organs"])
+    assert probs.dtype == np.float16 and probs.shape == (len(organs), *ref.shape)
+    assert json.loads((out / "dataset.json").read_text())["labels"] == {
+        "background": 0,
+        **{o: i + 1 for i, o in enumerate(organs)},
+    }
 
 
 def test_predict_with_an_unknown_task_fails_before_any_work(tiny_run, tiny_synth, tmp_path, capsys):

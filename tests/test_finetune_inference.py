@@ -19,7 +19,7 @@ from mosmos.finetune.inference import (
     organ_probabilities,
     save_label_map,
 )
-from mosmos.finetune.predict import _case_name, safe_output_path
+from mosmos.finetune.predict import case_names, safe_output_path
 from mosmos.transforms import PreprocessConfig
 
 ORGAN_HU = {1: 100.0, 2: 250.0}  # organ id -> HU; body is 0 HU, air -1000
@@ -173,8 +173,8 @@ def test_output_paths_never_escape_the_output_folder(tmp_path):
     for bad in ("../evil.nii.gz", "/etc/passwd", "..", "a/../../b.nii.gz", ""):
         with pytest.raises(ConfigError, match="outside --output"):
             safe_output_path(tmp_path, bad)
-    assert _case_name(tmp_path / "AbdomenA_003_0000.nii.gz") == "AbdomenA_003"
-    assert _case_name(tmp_path / "scan.nii") == "scan"
+    assert case_names([tmp_path / "AbdomenA_003_0000.nii.gz"]) == [("AbdomenA_003", ".nii.gz")]
+    assert case_names([tmp_path / "scan.nii"]) == [("scan", ".nii")]
 
 
 def test_labels_json_lists_ids_in_organ_order():

@@ -1,4 +1,4 @@
-"""Stage 2 segmenters (unet, mo_ctrans, unetr) and the plain ViT encoder: shapes, gradients, task
+"""Stage 2 segmenters (unet, mo_ctrans, mo_ctrans_conv, unetr) and the plain ViT encoder: shapes, gradients, task
 tokens, window attention, MOSMOS attention-map transfer, rebuilding from the config."""
 
 from __future__ import annotations
@@ -14,15 +14,21 @@ from mosmos.models import (
     create_model,
     list_models,
 )
-from mosmos.models.segmentation import MOCTransSegmenter, SegmenterBase, TaskTokenTransformer
-from mosmos.models.segmentation.mo_ctrans import sinusoidal_position
+from mosmos.models.segmentation import (
+    MOCTransConvSegmenter,
+    MOCTransSegmenter,
+    SegmenterBase,
+    TaskTokenTransformer,
+)
+from mosmos.models.segmentation.common import sinusoidal_position
 from mosmos.models.segmentation.unetr import unetr_stage_strides
 
 torch.set_num_threads(2)
 
-NAMES = ("unet", "mo_ctrans", "unetr")
+NAMES = ("unet", "mo_ctrans", "mo_ctrans_conv", "unetr")
+TOKEN_NAMES = ("mo_ctrans", "mo_ctrans_conv")  # task-conditioned
 SHAPES = {3: (2, 1, 32, 32, 16), 2: (2, 1, 32, 32)}
-DECODER = {"unet": {}, "mo_ctrans": {}, "unetr": {"feature_size": 8}}
+DECODER = {"unet": {}, "mo_ctrans": {}, "mo_ctrans_conv": {}, "unetr": {"feature_size": 8}}
 
 
 def tiny_encoder(sd: int = 3, strides=(2, 2, 2, 2)):
@@ -50,7 +56,7 @@ def build(name, sd=3, num_tasks=2, head=False, strides=(2, 2, 2, 2), **kwargs):
     )
 
 
-def test_registry_lists_the_three_segmenters():
+def test_registry_lists_the_segmenters():
     assert set(list_models("segmenter")) == {*NAMES, "ensemble"}  # ensemble: of one of NAMES
     assert {"vit3d", "vit2d"} <= set(list_models("image_encoder"))
 
@@ -71,10 +77,12 @@ def test_output_shape_and_gradients(name, sd):
     groups = {"encoder.", "attention_head.", "out."}
     for prefix in groups:
         assert any(n.startswith(prefix) for n in trainable), prefix
-    if name == "mo_ctrans":
+    if name == "mo_ctrans_conv":
         # both tasks in the batch: both rows of every stage's task embedding get a gradient
         for t in net.transformers:
             assert (t.task_token.weight.grad.abs().sum(dim=1) > 0).all()
+    if name == "mo_ctrans":  # one task embedding, both rows used
+        assert (net.task_token.weight.grad.abs().sum(dim=1) > 0).all()
     n_enc = sum(p.numel() for p in net.encoder_parameters())
     n_dec = sum(p.numel() for p in net.decoder_parameters())
     assert n_enc == sum(
@@ -99,9 +107,10 @@ def test_input_not_divisible_by_total_stride(name):
         net(torch.randn(1, 1, 32, 32, 12), task=torch.tensor([0]))
 
 
-def test_mo_ctrans_depends_on_task_and_checks_ids():
+@pytest.mark.parametrize("name", TOKEN_NAMES)
+def test_mo_ctrans_depends_on_task_and_checks_ids(name):
     torch.manual_seed(0)
-    net = build("mo_ctrans", 3, num_tasks=3).eval()
+    net = build(name, 3, num_tasks=3).eval()
     x = torch.randn(1, 1, 32, 32, 16)
     with torch.no_grad():
         y0 = net(x, task=torch.tensor([0]))
@@ -115,7 +124,7 @@ def test_mo_ctrans_depends_on_task_and_checks_ids():
             net(x, task=torch.tensor([bad]))
     with pytest.raises(ValueError, match="task ids are required"):
         net(x)
-    single = build("mo_ctrans", 3, num_tasks=1).eval()
+    single = build(name, 3, num_tasks=1).eval()
     with torch.no_grad():
         assert torch.equal(single(x), single(x, task=torch.tensor([0])))
 
@@ -130,10 +139,10 @@ def test_unet_and_unetr_ignore_task():
         assert not net.task_conditioned  # inference runs a single pass for every task
 
 
-def test_mo_ctrans_window_path_single_window_equals_full_attention():
+def test_mo_ctrans_conv_window_path_single_window_equals_full_attention():
     torch.manual_seed(0)
-    full = build("mo_ctrans", 3, max_tokens=10**9).eval()
-    windowed = build("mo_ctrans", 3, max_tokens=0, window_size=1000).eval()
+    full = build("mo_ctrans_conv", 3, max_tokens=10**9).eval()
+    windowed = build("mo_ctrans_conv", 3, max_tokens=0, window_size=1000).eval()
     windowed.load_state_dict(full.state_dict())
     # 16^3 keeps the full-attention reference small (4096 tokens at full resolution)
     x = torch.randn(2, 1, 16, 16, 16)
@@ -141,7 +150,7 @@ def test_mo_ctrans_window_path_single_window_equals_full_attention():
     with torch.no_grad():
         torch.testing.assert_close(windowed(x, task), full(x, task), rtol=1e-5, atol=1e-5)
         # with small windows the fine stages attend locally: a different function
-        local = build("mo_ctrans", 3, max_tokens=16, window_size=2).eval()
+        local = build("mo_ctrans_conv", 3, max_tokens=16, window_size=2).eval()
         local.load_state_dict(full.state_dict())
         assert (local(x, task) - full(x, task)).abs().max() > 1e-4
     finest = local.transformers[-1]
@@ -320,6 +329,7 @@ def test_vit_encoder_features_and_config():
         create_image_encoder("vit2d", img_size=(40, 32), hidden_size=16, num_heads=2)
 
 
-def test_mo_ctrans_class_rejects_zero_depth():
+@pytest.mark.parametrize("cls", [MOCTransSegmenter, MOCTransConvSegmenter])
+def test_mo_ctrans_class_rejects_zero_depth(cls):
     with pytest.raises(ValueError, match="depth"):
-        MOCTransSegmenter(tiny_encoder(3), num_classes=2, depth=0)
+        cls(tiny_encoder(3), num_classes=2, depth=0)

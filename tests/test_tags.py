@@ -280,3 +280,22 @@ def test_parser_recovers_the_synthetic_report_tags(tmp_path) -> None:
                 wrong.append((record["case_id"], organ, tags.get(organ), expected, record["report"]))
     assert pairs >= 60 * 8
     assert len(wrong) <= 0.01 * pairs, "\n".join(map(str, wrong[:10]))
+
+
+def test_cli_reports_known_shares_and_warns_when_most_tags_are_unknown(tmp_path, capsys) -> None:
+    table = tmp_path / "reports.csv"
+    _write_table(
+        table,
+        [
+            ["a.nii.gz", "The liver is enlarged.", ""],
+            ["b.nii.gz", "The liver is normal. The spleen is normal.", ""],
+        ],
+    )
+    assert tags_cli.run(_cli_args(table)) == 0
+    captured = capsys.readouterr()
+    liver = next(line for line in captured.out.splitlines() if line.startswith("liver")).split()
+    spleen = next(line for line in captured.out.splitlines() if line.startswith("spleen")).split()
+    assert liver[-2:] == ["100%", "100%"] and spleen[-2:] == ["50%", "50%"]  # known present, abnormal
+    assert "warning: most tags are unknown" in captured.err
+    never = next(line for line in captured.err.splitlines() if "never mentioned" in line)
+    assert "pancreas" in never and "liver" not in never and "spleen" not in never

@@ -1,5 +1,7 @@
 """Stage 2 segmenters behind one interface (:class:`SegmenterBase`); importing registers them in the
-``"segmenter"`` family: ``unet``, ``mo_ctrans``, ``unetr`` and ``ensemble`` (several of one of them, probabilities averaged).
+``"segmenter"`` family: ``unet``, ``mo_ctrans`` (the paper's decoder), ``mo_ctrans_conv`` (a
+convolutional decoder with windowed task-token transformers), ``unetr`` and ``ensemble`` (several of
+one of them, probabilities averaged).
 
 Example::
 
@@ -12,13 +14,15 @@ Example::
 
 from mosmos.models.segmentation.common import ENCODER_PREFIXES, SegmenterBase, UpStage
 from mosmos.models.segmentation.ensemble import EnsembleSegmenter
-from mosmos.models.segmentation.mo_ctrans import MOCTransSegmenter, TaskTokenTransformer
+from mosmos.models.segmentation.mo_ctrans import MOCTransSegmenter
+from mosmos.models.segmentation.mo_ctrans_conv import MOCTransConvSegmenter, TaskTokenTransformer
 from mosmos.models.segmentation.unet import UNetSegmenter
 from mosmos.models.segmentation.unetr import UNETRSegmenter
 
 __all__ = [
     "ENCODER_PREFIXES",
     "EnsembleSegmenter",
+    "MOCTransConvSegmenter",
     "MOCTransSegmenter",
     "SegmenterBase",
     "TaskTokenTransformer",

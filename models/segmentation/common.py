@@ -4,6 +4,7 @@ MOSMOS attention-map transfer, parameter groups, and the skip-connection up-samp
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ __all__ = [
     "UpStage",
     "decoder_strides",
     "freeze_unused_head_parameters",
+    "num_heads_for",
+    "sinusoidal_position",
 ]
 
 #: Parameter-name prefixes of the pretrained part of every segmenter (the stage 1 encoder and tag
@@ -323,3 +326,33 @@ class SegmenterBase(nn.Module):
         if maps is None:
             return skip
         return torch.cat([skip, self.maps_at(maps, skip.shape[2:]).to(skip.dtype)], dim=1)
+
+
+def sinusoidal_position(size: Sequence[int], dim: int) -> torch.Tensor:
+    """Fixed sine/cosine position codes ``[prod(size), dim]`` of a grid's cells (row-major).
+
+    Each axis gets ``dim // (2 * len(size))`` frequencies (geometric from 1 down to 1/100 rad per
+    cell); channels left over are zero. Hand-written: MONAI's sin-cos embedding builds a fixed
+    grid's parameter, whereas token grids and windows change size with the input.
+    """
+    n_axes = len(size)
+    n_freq = dim // (2 * n_axes)
+    code = torch.zeros(math.prod(size), dim)
+    if n_freq == 0:
+        return code
+    freqs = 100.0 ** (-torch.arange(n_freq, dtype=torch.float32) / max(n_freq, 1))
+    coords = torch.meshgrid(*(torch.arange(s, dtype=torch.float32) for s in size), indexing="ij")
+    parts = []
+    for c in coords:
+        angle = c.reshape(-1, 1) * freqs
+        parts += [angle.sin(), angle.cos()]
+    code[:, : 2 * n_freq * n_axes] = torch.cat(parts, dim=1)
+    return code
+
+
+def num_heads_for(dim: int, head_dim: int) -> int:
+    """The largest head count <= ``dim // head_dim`` (at least 1) that divides ``dim``."""
+    heads = max(1, dim // head_dim)
+    while dim % heads:
+        heads -= 1
+    return heads

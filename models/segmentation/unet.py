@@ -32,6 +32,12 @@ class UNetSegmenter(SegmenterBase):
     with strides like ``[1, 2, 2, 2]`` level 0 is already full resolution and there is no stem. A
     MONAI ``UnetOutBlock`` (1x1 convolution) gives the logits.
 
+    Deep supervision (nnU-Net's, as MultiTalent trains): with ``deep_supervision=True`` every decoder
+    stage but the final and the coarsest gets its own 1x1 output block (``ds_heads``), and
+    ``forward(..., intermediates=True)`` returns the logits at every such resolution, finest first
+    (the coarsest stage gets no head: nnU-Net gives its output a loss weight of 0). A plain
+    ``forward`` (validation, inference) returns the final logits only and never runs the extra heads.
+
     With an attention head, every skip (encoder levels and stem) gets the rescaled pixel-tag
     attention maps as extra channels (see :class:`SegmenterBase`).
 
@@ -50,6 +56,7 @@ class UNetSegmenter(SegmenterBase):
         norm: MONAI norm name.
         act: MONAI activation name or ``(name, kwargs)``.
         res_block: residual conv blocks in the stages (else plain double convolutions).
+        deep_supervision: build the extra output blocks for ``forward(..., intermediates=True)``.
 
     Example::
 
@@ -69,6 +76,7 @@ class UNetSegmenter(SegmenterBase):
         norm: str | tuple = "instance",
         act: str | tuple = _ACT,
         res_block: bool = True,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__(encoder, num_classes, num_tasks, attention_head)
         levels = len(encoder.feature_channels)
@@ -89,6 +97,8 @@ class UNetSegmenter(SegmenterBase):
             "act": act,
             "res_block": res_block,
         }
+        if deep_supervision:  # recorded only when on: older model.json files rebuild unchanged
+            self._decoder_config["deep_supervision"] = True
         t, sd = self.num_map_channels, self.spatial_dims
         # stages[i] ends at encoder level i (i = 0 .. L-2); run deepest first.
         self.stages = nn.ModuleList(
@@ -122,6 +132,13 @@ class UNetSegmenter(SegmenterBase):
             )
             last = stem_channels
         self.out = UnetOutBlock(sd, last, num_classes)
+        # auxiliary heads on the outputs of stages[0 .. L-3] (finest first) when there is a stem, or
+        # of stages[1 .. L-3] when stages[0] is the final stage; never on the coarsest stage
+        aux = list(range(0 if self.has_stem else 1, levels - 2))
+        self.ds_levels = aux if deep_supervision else []
+        self.ds_heads = nn.ModuleList(
+            UnetOutBlock(sd, decoder_channels[i], num_classes) for i in self.ds_levels
+        )
         # Channels of each refinement point in decoder order (bottleneck, levels L-2 .. 0, stem),
         # for subclasses that add blocks there (MO-CTranS).
         self.stage_channels = [encoder.feature_channels[-1], *reversed(decoder_channels)]
@@ -133,25 +150,40 @@ class UNetSegmenter(SegmenterBase):
         return x
 
     def forward(
-        self, x: torch.Tensor, task: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        task: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        intermediates: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Logits ``[B, num_classes, *x.shape[2:]]``.
 
         Args:
             x: ``[B, in_channels, *spatial]``, each spatial size divisible by the encoder's total stride.
             task: ``[B]`` task ids (see the class docstring for whether they are used).
             mask: optional ``[B, 1, *spatial]`` body mask, passed to the attention head.
+            intermediates: deep supervision: return a list, the final logits then those of each
+                supervised coarser stage (finest first); needs ``deep_supervision=True``.
         """
+        if intermediates and not self.ds_heads:
+            raise ValueError(f"{type(self).__name__}: intermediates=True needs deep_supervision=True")
         self.check_input(x)
         task_ids = self.task_ids_for(task, x)
         features, maps = self.encode(x, mask)
         y = self.refine(0, features[-1], task_ids)
+        stage_out: dict[int, torch.Tensor] = {}
         for k, i in enumerate(reversed(range(len(self.stages))), start=1):
             y = self.refine(k, self.stages[i](y, self.with_maps(features[i], maps)), task_ids)
+            stage_out[i] = y
         if self.has_stem:
             y = self.stem_stage(y, self.with_maps(self.stem(x), maps))
             y = self.refine(len(self.stages) + 1, y, task_ids)
-        return self.out(y)
+        if not intermediates:
+            return self.out(y)
+        return [
+            self.out(y),
+            *(head(stage_out[i]) for i, head in zip(self.ds_levels, self.ds_heads, strict=True)),
+        ]
 
     def task_ids_for(self, task: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """Task ids as the decoder needs them; the plain U-Net ignores them (zeros)."""

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mosmos import __version__
 from mosmos.entry import setup_logging
 from mosmos.errors import MosmosError
 
@@ -134,6 +135,46 @@ def _demo(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a finished run as a self-contained folder (config.json + model.safetensors)",
+        description="Write a stage 1 or stage 2 run as a folder that mosmos.from_pretrained(DIR) loads: "
+        "config.json and model.safetensors (Hugging Face names), with stage 1's text tower in text/.",
+    )
+    p.add_argument("run", help="a finished stage 1 or stage 2 run directory")
+    p.add_argument("-o", "--output", required=True, help="the export folder (created; must be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output when it is not empty")
+
+    def run(args):
+        from mosmos.api import export_run
+
+        out = export_run(args.run, args.output, overwrite=args.overwrite)
+        print(f"exported {args.run} to {out} (load it with mosmos.from_pretrained({str(out)!r}))")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _info(sub) -> None:
+    p = sub.add_parser(
+        "info", help="organs, tasks, preprocessing, objective and best scores of a run or an export"
+    )
+    p.add_argument("run", help="a stage 1 or stage 2 run directory, or a mosmos export")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+
+    def run(args):
+        import json
+
+        from mosmos.api import format_info, run_info
+
+        info = run_info(args.run)
+        print(json.dumps(info, indent=2) if args.json else format_info(info))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _models(sub) -> None:
     p = sub.add_parser("models", help="list the registered image encoders and networks")
 
@@ -153,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Report-supervised pretraining and multi-organ segmentation from partially labelled CT.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-V", "--version", action="version", version=f"mosmos {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (
         _synth,
@@ -163,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         _finetune,
         _evaluate,
         _predict,
+        _export,
+        _info,
         _benchmark,
         _models,
         _demo,

@@ -41,7 +41,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: str | Path) -> Accelerator:
         # host-to-GPU copies of (pinned) batches that do not wait for the GPU
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
         mixed_precision=precision,
-        log_with="tensorboard",
+        log_with=None if cfg.log_with == "none" else cfg.log_with,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")
         ),

@@ -41,6 +41,7 @@ class TrainConfig:
     # stop after this many evaluations without a new best of the stage's validation metric (stage 2:
     # mean Dice; stage 1: tag mAP); epochs / max_steps is then the cap. null: train the whole budget
     early_stopping_patience: int | None = None
+    log_with: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"  # accelerate's tracker
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first key whose value is out of range."""
@@ -67,3 +68,10 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps={self.max_steps} must be >= 1 or null")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError(f"train.clip_grad={self.clip_grad} must be > 0 or null")
+        import importlib.util
+
+        if self.log_with != "none" and importlib.util.find_spec(self.log_with) is None:
+            raise ConfigError(
+                f"train.log_with={self.log_with}: the {self.log_with} package is not installed "
+                f"(pip install {self.log_with}), or use train.log_with=none"
+            )

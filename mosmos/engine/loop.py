@@ -94,7 +94,8 @@ class Engine:
         """Train to ``total_steps``, evaluating every ``eval_every`` epochs; returns the metric history."""
         acc = self.accelerator
         self._prepare()
-        acc.init_trackers("tb")
+        # TensorBoard writes under logs/tb; wandb and mlflow name the project
+        acc.init_trackers("tb" if self.cfg.log_with == "tensorboard" else "mosmos")
         checkpoints.remove_stale_temporaries(acc, self.output_dir)
         self.try_resume()
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if acc.is_main_process else None
