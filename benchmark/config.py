@@ -14,10 +14,21 @@ Strategies (see :data:`STRATEGIES`):
   same compute without the true pairing (the control a report-supervision gain must beat).
 * ``mosmos+masks``: the ``mosmos`` stage 1 with the labelled scans of ``data.mask_datasets`` (default:
   ``data.other_datasets``) also supervising each organ's attention map (stage 1's
-  ``data.mask_datasets``; see docs/stage1-pretrain.md).
+  ``data.mask_datasets``; see docs/stage1-pretrain.md). ``mosmos_variant+masks`` is the same on the
+  ``mosmos_variant`` objective (the departures in ``objective_variants``).
 * ``multidataset``: supervised stage 2 pretraining on ``data.other_datasets``; its encoder is
   exported in the stage 1 format and initialises the target run.
 * ``checkpoint:PATH``: any encoder a user brings (a stage 1 run directory or encoder.safetensors).
+
+Partial-label strategies (the second axis, see :data:`PARTIAL_STRATEGIES`), each at one fixed
+initialisation (``partial_init``): one stage 2 model trained on ``data.target`` (at the label budget)
+together with the whole of every ``data.other_datasets``, with
+
+* ``masked``: BCE + soft Dice on the organs each sample's dataset labels, averaged per organ;
+* ``multitalent``: BCE + batch Dice on the valid channels, summed over channels (Ulrich et al. 2023);
+* ``marginal``: softmax with the unlabelled organs merged into background (Shi et al. 2021);
+* ``task_tokens``: the masked loss on MO-CTranS, a learned task token per dataset (``model.name=mo_ctrans``);
+* ``mutual``: deep mutual learning, two stages of model cohorts (Liu et al. 2024).
 """
 
 from __future__ import annotations
@@ -29,7 +40,10 @@ from mosmos.finetune.config import SlidingWindowEval
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "MASK_VARIANT_RUNS",
     "OBJECTIVE_VARIANT_RUNS",
+    "PARTIAL_PREFIX",
+    "PARTIAL_STRATEGIES",
     "STAGE1_VARIANTS",
     "STRATEGIES",
     "STRATEGY_VARIANT",
@@ -54,9 +68,12 @@ STAGE1_VARIANTS: dict[str, list[str]] = {
     "shuffled_tags": ["train.variants=[]", "data.shuffle_reports=true"],
     "shuffled_variant": ["data.shuffle_reports=true"],  # and train.variants as mosmos_variant
     "mosmos_masks": ["train.variants=[]"],  # and data.mask_datasets from BenchmarkConfig (plan.py)
+    "mosmos_variant_masks": [],  # train.variants as mosmos_variant, data.mask_datasets as mosmos_masks
 }
 #: Stage 1 variants whose train.variants is BenchmarkConfig.objective_variants.
-OBJECTIVE_VARIANT_RUNS = ("mosmos_variant", "shuffled_variant")
+OBJECTIVE_VARIANT_RUNS = ("mosmos_variant", "shuffled_variant", "mosmos_variant_masks")
+#: Stage 1 variants that mix the labelled scans of BenchmarkConfig.data.mask_datasets into stage 1.
+MASK_VARIANT_RUNS = ("mosmos_masks", "mosmos_variant_masks")
 #: Strategy -> the pretraining variant whose encoder initialises it (None: no pretraining).
 STRATEGY_VARIANT: dict[str, str | None] = {
     "random": None,
@@ -69,8 +86,23 @@ STRATEGY_VARIANT: dict[str, str | None] = {
     "shuffled_tags": "shuffled_tags",
     "shuffled_variant": "shuffled_variant",
     "mosmos+masks": "mosmos_masks",
+    "mosmos_variant+masks": "mosmos_variant_masks",
 }
 STRATEGIES = tuple(STRATEGY_VARIANT)
+
+#: Cells of the partial-label axis are reported as ``partial:<name>`` (results.csv, cases.csv, summary).
+PARTIAL_PREFIX = "partial:"
+#: Partial-label strategy -> its stage 2 overrides, applied after the fine-tuning config, its
+#: ``finetune_overrides`` and the initialisation's recipe, before ``partial_overrides[name]``.
+#: Every one but task_tokens keeps the fine-tuning config's network; neither MO-CTranS nor mutual
+#: learning has deep-supervision outputs.
+PARTIAL_STRATEGIES: dict[str, list[str]] = {
+    "masked": ["train.strategy=masked"],
+    "multitalent": ["train.strategy=multitalent"],
+    "marginal": ["train.strategy=marginal"],
+    "task_tokens": ["model.name=mo_ctrans", "train.strategy=masked", "train.deep_supervision=false"],
+    "mutual": ["train.strategy=mutual", "train.deep_supervision=false"],
+}
 
 
 def budget_label(budget: str) -> str:
@@ -88,7 +120,8 @@ class BenchmarkData:
     pretrain_table: str | None = None  # stage 1 report table (null: the stage 1 config's data.table)
     pretrain_image_root: str | None = None  # stage 1 image folder (null: the stage 1 config's)
     pretrain_ground_truth: str | None = None  # synthetic ground truth for the pointing game (optional)
-    other_datasets: list[str] = field(default_factory=list)  # multidataset: supervised pretraining data
+    # multidataset: its supervised pretraining data; partial_strategies: trained whole beside the target
+    other_datasets: list[str] = field(default_factory=list)
     # mosmos+masks: the segmentation datasets whose labelled scans supervise stage 1's attention maps
     # (null: data.other_datasets)
     mask_datasets: list[str] | None = None
@@ -127,7 +160,8 @@ class BenchmarkConfig:
     seed: int = 0  # seed of the pretraining variants (each cell uses its own from `seeds`)
     data: BenchmarkData = field(default_factory=BenchmarkData)
     # initialisation strategies: random, mosmos, contrastive_only, tags_only, mosmos+attention,
-    # mosmos+masks, multidataset, shuffled_tags, checkpoint:PATH
+    # mosmos+masks, mosmos_variant, mosmos_variant+masks, shuffled_variant, multidataset, shuffled_tags,
+    # checkpoint:PATH
     strategies: list[str] = field(default_factory=lambda: ["random", "mosmos", "shuffled_tags"])
     fractions: list[float] = field(default_factory=lambda: [0.25, 1.0])  # shares of target training cases
     # numbers of labelled target training cases (nested, seeded subsets; e.g. [1, 2, 4, 8]): a label
@@ -145,8 +179,25 @@ class BenchmarkConfig:
     finetune_config: str | None = None  # stage 2 YAML of every cell (and of multidataset pretraining)
     finetune_overrides: list[str] = field(default_factory=list)  # dotted overrides of it
     multidataset_overrides: list[str] = field(default_factory=list)  # extra ones for multidataset only
+    # partial-label strategies, each a second-axis cell trained on data.target plus data.other_datasets
+    # at partial_init: masked, multitalent, marginal, task_tokens, mutual (the first is the baseline
+    # of the paired comparisons); empty: no partial-label axis
+    partial_strategies: list[str] = field(default_factory=list)
+    # the initialisation of every partial-label cell: random, checkpoint:PATH or any strategy above
+    # (its pretraining variant is shared with the initialisation axis)
+    partial_init: str = "random"
+    # extra dotted stage 2 overrides per partial-label strategy, e.g. {mutual: [train.mutual.final=ensemble]}
+    partial_overrides: dict[str, list[str]] = field(default_factory=dict)
+
     train: BenchmarkTrain = field(default_factory=BenchmarkTrain)
     eval: BenchmarkEval = field(default_factory=BenchmarkEval)
+
+    @property
+    def init_strategies(self) -> list[str]:
+        """The initialisations the plan trains from: ``strategies``, plus ``partial_init`` when the
+        partial-label axis is on."""
+        extra = [self.partial_init] if self.partial_strategies else []
+        return list(dict.fromkeys([*self.strategies, *extra]))
 
     @property
     def budgets(self) -> list[str]:
@@ -154,18 +205,17 @@ class BenchmarkConfig:
         return [f"n{n}" for n in sorted(self.label_cases)] + [f"f{f:g}" for f in sorted(self.fractions)]
 
     def validate(self) -> None:
-        if not self.strategies:
-            raise ConfigError("strategies: at least one is needed, e.g. [random, mosmos, shuffled_tags]")
+        if not self.strategies and not self.partial_strategies:
+            raise ConfigError(
+                "strategies and partial_strategies are both empty: at least one strategy is needed, "
+                "e.g. strategies=[random, mosmos, shuffled_tags]"
+            )
         for name in self.strategies:
-            if name.startswith(CHECKPOINT_PREFIX):
-                if not name[len(CHECKPOINT_PREFIX) :].strip():
-                    raise ConfigError(f"strategies: {name!r} needs a path, e.g. checkpoint:runs/pretrain")
-            elif name not in STRATEGY_VARIANT:
-                raise ConfigError(
-                    f"strategies: unknown strategy {name!r}; valid: {[*STRATEGIES, 'checkpoint:PATH']}"
-                )
+            _check_init(name, "strategies")
+        self._validate_partial()
         for key, values in (
             ("strategies", self.strategies),
+            ("partial_strategies", self.partial_strategies),
             ("fractions", self.fractions),
             ("label_cases", self.label_cases),
         ):
@@ -192,18 +242,48 @@ class BenchmarkConfig:
             raise ConfigError("data.test is required: a labelled dataset folder or datalist to score on")
         if not self.finetune_config:
             raise ConfigError("finetune_config is required: a stage 2 YAML, e.g. configs/finetune/demo.yaml")
-        variants = {STRATEGY_VARIANT.get(s) for s in self.strategies}
+        inits = self.init_strategies
+        variants = {STRATEGY_VARIANT.get(s) for s in inits}
         if variants & set(STAGE1_VARIANTS) and not self.pretrain_config:
             raise ConfigError(
                 "pretrain_config is required by the stage 1 strategies "
-                f"{[s for s in self.strategies if STRATEGY_VARIANT.get(s) in STAGE1_VARIANTS]}"
+                f"{[s for s in inits if STRATEGY_VARIANT.get(s) in STAGE1_VARIANTS]}"
             )
         if variants & set(OBJECTIVE_VARIANT_RUNS) and not self.objective_variants:
             raise ConfigError(
-                "objective_variants is required by the mosmos_variant and shuffled_variant strategies, "
+                "objective_variants is required by the mosmos_variant, mosmos_variant+masks and "
+                "shuffled_variant strategies, "
                 "e.g. [lit, pooled_tags]"
             )
-        if "mosmos_masks" in variants and not (self.data.mask_datasets or self.data.other_datasets):
-            raise ConfigError("data.mask_datasets (or data.other_datasets) is required by mosmos+masks")
+        masked = [s for s in inits if STRATEGY_VARIANT.get(s) in MASK_VARIANT_RUNS]
+        if masked and not (self.data.mask_datasets or self.data.other_datasets):
+            raise ConfigError(f"data.mask_datasets (or data.other_datasets) is required by {masked}")
         if "multidataset" in variants and not self.data.other_datasets:
             raise ConfigError("data.other_datasets is required by the multidataset strategy")
+
+    def _validate_partial(self) -> None:
+        for name in self.partial_strategies:
+            if name not in PARTIAL_STRATEGIES:
+                raise ConfigError(
+                    f"partial_strategies: unknown partial-label strategy {name!r}; valid: {list(PARTIAL_STRATEGIES)}"
+                )
+        _check_init(self.partial_init, "partial_init")
+        unused = sorted(set(self.partial_overrides) - set(self.partial_strategies))
+        if unused:
+            raise ConfigError(
+                f"partial_overrides: {unused} are not in partial_strategies={self.partial_strategies}"
+            )
+        if self.partial_strategies and not self.data.other_datasets:
+            raise ConfigError(
+                "data.other_datasets is required by partial_strategies: the partially labelled datasets "
+                "trained together with data.target"
+            )
+
+
+def _check_init(name: str, key: str) -> None:
+    """An initialisation strategy name: one of STRATEGIES or ``checkpoint:PATH``."""
+    if name.startswith(CHECKPOINT_PREFIX):
+        if not name[len(CHECKPOINT_PREFIX) :].strip():
+            raise ConfigError(f"{key}: {name!r} needs a path, e.g. checkpoint:runs/pretrain")
+    elif name not in STRATEGY_VARIANT:
+        raise ConfigError(f"{key}: unknown strategy {name!r}; valid: {[*STRATEGIES, 'checkpoint:PATH']}")

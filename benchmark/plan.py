@@ -2,8 +2,9 @@
 
 Pretraining variants run once each (benchmark ``seed``) in ``OUTPUT/pretrain/<variant>-<hash>``,
 the hash over the resolved config, so a config change trains a new variant and an unchanged one is
-reused across cells and invocations. Cells live in ``OUTPUT/runs/<strategy>/f<fraction>_s<seed>``
-and are finished once their ``DONE.json`` exists; a cell folder holding a run of another
+reused across cells and invocations. Cells live in ``OUTPUT/runs/<strategy>/<budget>_s<seed>``
+(partial-label cells in ``OUTPUT/runs/partial-<name>/<budget>_s<seed>``) and are finished once their
+``DONE.json`` exists; a cell folder holding a run of another
 configuration stops the benchmark (:func:`check_stale`) rather than mixing two experiments.
 """
 
@@ -19,7 +20,10 @@ import yaml
 
 from mosmos.benchmark.config import (
     CHECKPOINT_PREFIX,
+    MASK_VARIANT_RUNS,
     OBJECTIVE_VARIANT_RUNS,
+    PARTIAL_PREFIX,
+    PARTIAL_STRATEGIES,
     STAGE1_VARIANTS,
     STRATEGY_VARIANT,
     BenchmarkConfig,
@@ -36,6 +40,7 @@ __all__ = [
     "Cell",
     "Plan",
     "Variant",
+    "axis_of",
     "cell_dirname",
     "check_stale",
     "config_hash",
@@ -70,12 +75,17 @@ class Variant:
 class Cell:
     """One stage 2 run of the grid."""
 
-    strategy: str
+    strategy: str  # an initialisation strategy, or partial:<name> (the partial-label axis)
     budget: str  # f<share> or n<count> (see BenchmarkConfig.budgets)
     seed: int
     config: Any  # FinetuneConfig
     config_hash: str
     variant: str | None  # the key of the pretraining variant it needs (Plan.variants)
+
+    @property
+    def axis(self) -> str:
+        """``initialisation`` or ``partial_label``."""
+        return axis_of(self.strategy)
 
     @property
     def fraction(self) -> float:
@@ -98,8 +108,16 @@ class Plan:
     cells: list[Cell]
 
 
+def axis_of(strategy: str) -> str:
+    """The grid axis of a cell's strategy: ``partial_label`` (``partial:<name>``) or ``initialisation``."""
+    return "partial_label" if strategy.startswith(PARTIAL_PREFIX) else "initialisation"
+
+
 def strategy_dirname(strategy: str) -> str:
-    """A folder name for a strategy (``checkpoint:PATH`` -> ``checkpoint-<name>-<hash of PATH>``)."""
+    """A folder name for a strategy (``checkpoint:PATH`` -> ``checkpoint-<name>-<hash of PATH>``,
+    ``partial:masked`` -> ``partial-masked``)."""
+    if strategy.startswith(PARTIAL_PREFIX):
+        return f"partial-{strategy[len(PARTIAL_PREFIX) :]}"
     if not strategy.startswith(CHECKPOINT_PREFIX):
         return strategy.replace("+", "_")
     path = strategy[len(CHECKPOINT_PREFIX) :]
@@ -116,15 +134,25 @@ def variant_key(name: str, pretrain_seed: int | None) -> str:
     return name if pretrain_seed is None else f"{name}@s{pretrain_seed}"
 
 
-def config_hash(cfg: Any, ignore: tuple[str, ...] = ("output_dir", "data.cache_dir", "train.resume")) -> str:
-    """Short hash of a resolved config, without the keys that do not change results (``ignore``)."""
+#: Keys of the stage configs that do not change a run's results (where it writes, how it resumes,
+#: which pictures it draws): left out of every hash.
+NEUTRAL_KEYS = ("output_dir", "data.cache_dir", "train.resume", "train.overwrite", "eval.overlays")
+#: Keys added to the stage configs after benchmarks were run: left out of the hash while null (what
+#: every earlier run had), so the folders of those benchmarks still match their configs.
+NEWER_KEYS = ("data.subset_datasets",)
+
+
+def config_hash(cfg: Any, ignore: tuple[str, ...] = NEUTRAL_KEYS) -> str:
+    """Short hash of a resolved config, without the keys that do not change results (``ignore``)
+    and the :data:`NEWER_KEYS` left null."""
     tree = to_dict(cfg)
-    for key in ignore:
+    for key in (*ignore, *NEWER_KEYS):
         *parents, leaf = key.split(".")
         node = tree
         for part in parents:
             node = node.get(part, {})
-        node.pop(leaf, None)
+        if key in ignore or (leaf in node and node[leaf] is None):
+            node.pop(leaf, None)
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
@@ -220,7 +248,7 @@ def make_plan(cfg: BenchmarkConfig) -> Plan:
 
     variants: dict[str, Variant] = {}
     pretrain_seeds: list[int | None] = list(cfg.pretrain_seeds) if cfg.pretrain_seeds is not None else [None]
-    names = [n for n in dict.fromkeys(STRATEGY_VARIANT.get(s) for s in cfg.strategies) if n is not None]
+    names = [n for n in dict.fromkeys(STRATEGY_VARIANT.get(s) for s in cfg.init_strategies) if n is not None]
     for name in names:
         for pseed in pretrain_seeds:
             variant_seed = cfg.seed if pseed is None else pseed
@@ -248,7 +276,7 @@ def make_plan(cfg: BenchmarkConfig) -> Plan:
                 overrides = [*cfg.pretrain_overrides, *STAGE1_VARIANTS[name]]
                 if name in OBJECTIVE_VARIANT_RUNS:
                     overrides.append(f"train.variants=[{','.join(cfg.objective_variants)}]")
-                if name == "mosmos_masks":
+                if name in MASK_VARIANT_RUNS:
                     updates["data.mask_datasets"] = list(cfg.data.mask_datasets or cfg.data.other_datasets)
                 vcfg = _stage_config(PretrainConfig, pretrain_path, overrides, updates, "pretrain_overrides")
             digest = config_hash(vcfg)  # not over output_dir: a moved benchmark folder still matches
@@ -258,46 +286,70 @@ def make_plan(cfg: BenchmarkConfig) -> Plan:
             key = variant_key(name, pseed)
             variants[key] = Variant(name, vcfg, digest)
 
+    def make_cell(strategy: str, init_strategy: str, budget: str, i: int, seed: int) -> Cell:
+        """The cell of ``strategy`` (an initialisation, or ``partial:<name>`` started from
+        ``init_strategy``) at one budget and fine-tuning seed (the ``i``-th)."""
+        partial = strategy[len(PARTIAL_PREFIX) :] if strategy.startswith(PARTIAL_PREFIX) else None
+        name = STRATEGY_VARIANT.get(init_strategy)
+        key = None if name is None else variant_key(name, pretrain_seeds[i % len(pretrain_seeds)])
+        if init_strategy.startswith(CHECKPOINT_PREFIX):
+            init = init_strategy[len(CHECKPOINT_PREFIX) :]
+            read_encoder_export(init)  # a missing or foreign export stops here, before any work
+            init_key = init
+        elif key is None:
+            init, init_key = "random", "random"
+        else:
+            init = str(variants[key].dir)
+            init_key = f"{key}-{variants[key].config_hash}"
+        run_dir = out / "runs" / strategy_dirname(strategy) / cell_dirname(budget, seed)
+        updates = {
+            "output_dir": str(run_dir),
+            "seed": seed,
+            "data.datasets": [cfg.data.target],
+            "data.fraction": float(budget[1:]) if budget.startswith("f") else 1.0,
+            "data.max_train_cases": int(budget[1:]) if budget.startswith("n") else None,
+            "data.cache_dir": cache,
+            "model.init": init,
+            "model.attention_maps": init_strategy == "mosmos+attention",
+            "train.resume": "latest",
+            "train.early_stopping_patience": cfg.train.early_stopping_patience,
+            **(preprocess_updates if init == "random" or name == "multidataset" else {}),
+        }
+        recipe = cfg.train.random_overrides if init == "random" else cfg.train.pretrained_overrides
+        overrides = [*cfg.finetune_overrides, *recipe]
+        key_names = "finetune_overrides/train.pretrained_overrides/train.random_overrides"
+        if partial is not None:
+            # one model on the target and every other dataset; the label budget subsets the target only
+            updates["data.datasets"] = [cfg.data.target, *cfg.data.other_datasets]
+            updates["data.subset_datasets"] = [cfg.data.target]
+            overrides += [*PARTIAL_STRATEGIES[partial], *cfg.partial_overrides.get(partial, [])]
+            key_names += "/partial_overrides"
+        ccfg = _stage_config(FinetuneConfig, finetune_path, overrides, updates, key_names)
+        digest = config_hash(ccfg, (*NEUTRAL_KEYS, "model.init"))
+        digest = hashlib.sha256(f"{digest}|{init_key}".encode()).hexdigest()[:10]
+        return Cell(strategy, budget, seed, ccfg, digest, key)
+
     cells: list[Cell] = []
     for strategy in cfg.strategies:
-        name = STRATEGY_VARIANT.get(strategy)
         for budget in cfg.budgets:
             for i, seed in enumerate(cfg.seeds):
-                key = None if name is None else variant_key(name, pretrain_seeds[i % len(pretrain_seeds)])
-                if strategy.startswith(CHECKPOINT_PREFIX):
-                    init = strategy[len(CHECKPOINT_PREFIX) :]
-                    read_encoder_export(init)  # a missing or foreign export stops here, before any work
-                    init_key = init
-                elif key is None:
-                    init, init_key = "random", "random"
-                else:
-                    init = str(variants[key].dir)
-                    init_key = f"{key}-{variants[key].config_hash}"
-                run_dir = out / "runs" / strategy_dirname(strategy) / cell_dirname(budget, seed)
-                updates = {
-                    "output_dir": str(run_dir),
-                    "seed": seed,
-                    "data.datasets": [cfg.data.target],
-                    "data.fraction": float(budget[1:]) if budget.startswith("f") else 1.0,
-                    "data.max_train_cases": int(budget[1:]) if budget.startswith("n") else None,
-                    "data.cache_dir": cache,
-                    "model.init": init,
-                    "model.attention_maps": strategy == "mosmos+attention",
-                    "train.resume": "latest",
-                    "train.early_stopping_patience": cfg.train.early_stopping_patience,
-                    **(preprocess_updates if init == "random" or name == "multidataset" else {}),
-                }
-                recipe = cfg.train.random_overrides if init == "random" else cfg.train.pretrained_overrides
-                ccfg = _stage_config(
-                    FinetuneConfig,
-                    finetune_path,
-                    [*cfg.finetune_overrides, *recipe],
-                    updates,
-                    "finetune_overrides/train.pretrained_overrides/train.random_overrides",
-                )
-                digest = config_hash(ccfg, ("output_dir", "data.cache_dir", "train.resume", "model.init"))
-                digest = hashlib.sha256(f"{digest}|{init_key}".encode()).hexdigest()[:10]
-                cells.append(Cell(strategy, budget, seed, ccfg, digest, key))
+                cells.append(make_cell(strategy, strategy, budget, i, seed))
+    if cfg.partial_strategies:
+        for i, path in enumerate(cfg.data.other_datasets):
+            _check_data(path, f"data.other_datasets[{i}]")
+    partial_cells: dict[str, Cell] = {}
+    for name in cfg.partial_strategies:
+        for budget in cfg.budgets:
+            for i, seed in enumerate(cfg.seeds):
+                cell = make_cell(f"{PARTIAL_PREFIX}{name}", cfg.partial_init, budget, i, seed)
+                same = partial_cells.setdefault(cell.config_hash, cell)
+                if same is not cell:
+                    raise ConfigError(
+                        f"partial_strategies: {same.strategy} and {cell.strategy} resolve to the same stage 2 "
+                        "config (e.g. the fine-tuning config's model.name is already mo_ctrans, so masked is "
+                        "task_tokens); list one of them, or tell them apart with partial_overrides"
+                    )
+                cells.append(cell)
     return Plan(variants, cells)
 
 

@@ -1,9 +1,11 @@
-"""The benchmark report: ``results.csv``, ``cases.csv``, ``summary.md`` and two plots.
+"""The benchmark report: ``results.csv``, ``cases.csv``, ``summary.md`` and two plots per axis.
 
 Written from the finished cells (those with ``DONE.json``) of the current grid, at the end of every
 ``mosmos benchmark`` call, so an interrupted benchmark still reports what it has. The summary is
 generated from the numbers only: case-level means and differences with hierarchical bootstrap
 intervals, paired tests on case means with Holm's correction, each with what was compared and n.
+The partial-label axis (``partial:<name>`` strategies, ``axis=partial_label`` in the CSVs) gets the
+same table, comparisons (against its first strategy, a Holm family of their own) and plots.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from mosmos.benchmark.config import BenchmarkConfig, budget_label
-from mosmos.benchmark.plan import DONE_FILE, Plan
+from mosmos.benchmark.config import PARTIAL_PREFIX, PARTIAL_STRATEGIES, BenchmarkConfig, budget_label
+from mosmos.benchmark.plan import DONE_FILE, Plan, axis_of
 from mosmos.benchmark.stats import (
     MIN_NONZERO_PAIRS,
     BootstrapCI,
@@ -34,8 +36,9 @@ from mosmos.io import atomic_path, atomic_write_text
 
 __all__ = ["CASE_COLUMNS", "RESULT_COLUMNS", "collect", "organ_rows", "write_report"]
 
-CASE_COLUMNS = ("strategy", "budget", "fraction", "seed", "dataset", "case", "organ", "dice", "hd95")
+CASE_COLUMNS = ("axis", "strategy", "budget", "fraction", "seed", "dataset", "case", "organ", "dice", "hd95")
 RESULT_COLUMNS = (
+    "axis",
     "strategy",
     "budget",
     "fraction",
@@ -60,9 +63,22 @@ DESCRIPTIONS = {
     "multidataset": "supervised stage 2 pretraining on data.other_datasets, its encoder transferred",
     "mosmos+masks": "the mosmos stage 1 with a few labelled scans supervising the attention maps "
     "(data.mask_datasets)",
+    "mosmos_variant+masks": "the mosmos_variant stage 1 with a few labelled scans supervising the "
+    "attention maps (data.mask_datasets)",
     "shuffled_variant": "the mosmos_variant stage 1, every scan paired with another scan's report",
     "shuffled_tags": "the mosmos stage 1, every scan paired with another scan's report (same compute, "
     "no true pairing)",
+}
+PARTIAL_DESCRIPTIONS = {
+    "masked": "BCE + soft Dice on the organs each sample's dataset labels, averaged per organ",
+    "multitalent": "BCE + batch Dice on each dataset's valid channels, summed over channels "
+    "(MultiTalent, Ulrich et al. 2023)",
+    "marginal": "softmax with the organs a dataset does not label merged into its background "
+    "(marginal loss, Shi et al. 2021)",
+    "task_tokens": "the masked loss on MO-CTranS, one learned task token per dataset, tested with the "
+    "target's token",
+    "mutual": "deep mutual learning: per-dataset model cohorts, pseudo labels, then full-organ models "
+    "(Liu et al. 2024)",
 }
 
 
@@ -81,13 +97,20 @@ def collect(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
             raise DataError(f"{cell.dir}: a finished cell whose results cannot be read: {exc}") from None
         ident = {
+            "axis": axis_of(cell.strategy),
             "strategy": cell.strategy,
             "budget": cell.budget,
             "fraction": cell.fraction,
             "seed": cell.seed,
         }
         records.append({**record, **ident})
-        cases += [{**ident, **{k: r[k] for k in ("dataset", "case", "organ", "dice", "hd95")}} for r in rows]
+        # a partial-label model segments the other datasets' organs too: only the target's are scored
+        scored = record.get("target_organs")
+        cases += [
+            {**ident, **{k: r[k] for k in ("dataset", "case", "organ", "dice", "hd95")}}
+            for r in rows
+            if scored is None or r["organ"] in scored
+        ]
     return cases, records
 
 
@@ -109,6 +132,7 @@ def organ_rows(cases: list[dict[str, Any]], records: list[dict[str, Any]]) -> li
         hd = [float(r["hd95"]) for r in rows]
         out.append(
             {
+                "axis": axis_of(strategy),
                 "strategy": strategy,
                 "budget": budget,
                 "fraction": rows[0]["fraction"],
@@ -287,48 +311,66 @@ def format_interval_table(
     return "\n".join(lines)
 
 
-def write_summary(
-    cfg: BenchmarkConfig,
-    plan: Plan,
+TABLE_NOTE = (
+    "The unit is the test case: its Dice is the mean over the organs scored on it. Each entry is the "
+    "mean over seeds and test cases, with a 95 % interval from a hierarchical bootstrap (seeds "
+    "resampled, then test cases within each seed; 10 000 replicates); the best mean per column in "
+    "bold; (seeds x test cases) in brackets."
+)
+
+
+def comparison_family(
     cases: list[dict[str, Any]],
-    records: list[dict[str, Any]],
-    plots: list[tuple[str, str]],
-) -> str:
-    """The text of ``summary.md``."""
+    budgets: Sequence[str],
+    sections: Sequence[tuple[str, str, list[str]]],
+) -> list[tuple[str, list[Comparison]]]:
+    """Every ``(baseline, title, others)`` section's paired comparisons (each of ``others`` against
+    ``baseline`` at every budget), their p-values Holm-corrected together as one family."""
+    planned = [
+        (title, [compare(cases, s, baseline, b) for b in budgets for s in others])
+        for baseline, title, others in sections
+        if others
+    ]
+    comparisons = [c for _, group in planned for c in group]
+    for c, p in zip(comparisons, holm([c.test.p for c in comparisons]), strict=True):
+        c.p_adjusted = p
+    return planned
+
+
+def _family_lines(planned: list[tuple[str, list[Comparison]]], heading: str, family: str) -> list[str]:
+    lines = []
+    for title, group in planned:
+        lines += [f"{heading} {title}", ""]
+        lines += [f"- {_comparison_text(c)}." for c in group]
+        lines.append("")
+    comparisons = [c for _, group in planned for c in group]
+    if comparisons:
+        tested = sum(c.test.p is not None for c in comparisons)
+        lines += [
+            "Differences pair the same test case under both strategies at the same budget and seed "
+            "(`strategy - baseline`); the interval resamples seeds, then cases. The test is a "
+            "two-sided Wilcoxon signed-rank test on one value per test case (its difference averaged "
+            f"over seeds), n = the number of test cases; with fewer than {MIN_NONZERO_PAIRS} non-zero "
+            f"differences no p-value is given. The {tested} p-values of {family} are corrected together "
+            "for multiple comparisons by Holm's step-down method.",
+            "",
+        ]
+    return lines
+
+
+def _init_lines(cfg: BenchmarkConfig, cases: list[dict[str, Any]]) -> list[str]:
+    """The initialisation axis: its table and comparisons."""
     strategies, budgets = list(cfg.strategies), cfg.budgets
-    table = interval_table(cases, strategies, budgets)
-    test_cases = sorted({(r["dataset"], r["case"]) for r in cases})
-    grid = f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'}"
-    organs = sorted({r["organ"] for r in cases})
-    seeds_text = f"{_count(len(cfg.seeds), 'fine-tuning seed')} {list(cfg.seeds)}"
-    if cfg.pretrain_seeds is not None:
-        seeds_text += f", paired with pretraining seeds {list(cfg.pretrain_seeds)}"
     lines = [
-        "# Initialisation benchmark",
-        "",
-        f"Fine-tuning target `{cfg.data.target}`; test set `{cfg.data.test}` "
-        f"({_count(len(test_cases), 'case')}; "
-        f"organs scored, those both the target and the test set label: {', '.join(organs) or 'none yet'}). "
-        f"{len(records)} of {len(plan.cells)} cells finished ({grid} x "
-        f"{_count(len(budgets), 'label budget')} x {seeds_text}).",
-        "",
-        "## Budget",
-        "",
-        *_budget_lines(cfg, plan, records),
-        "",
         "## Mean test Dice",
         "",
-        "The unit is the test case: its Dice is the mean over the organs scored on it. Each entry is the "
-        "mean over seeds and test cases, with a 95 % interval from a hierarchical bootstrap (seeds "
-        "resampled, then test cases within each seed; 10 000 replicates); the best mean per column in "
-        "bold; (seeds x test cases) in brackets.",
+        TABLE_NOTE,
         "",
-        format_interval_table(table, strategies, budgets),
+        format_interval_table(interval_table(cases, strategies, budgets), strategies, budgets),
         "",
     ]
-    comparisons: list[Comparison] = []
     controls = ("random", "shuffled_tags", "shuffled_variant")
-    sections = (
+    sections = [
         ("random", "Against random initialisation", [s for s in strategies if s != "random"]),
         (
             "shuffled_tags",
@@ -340,48 +382,125 @@ def write_summary(
             "Against the shuffled-report control of the variant (shuffled_variant)",
             [s for s in strategies if s == "mosmos_variant"],
         ),
+    ]
+    sections = [sec for sec in sections if sec[0] in strategies]
+    family = "the initialisation comparisons" if cfg.partial_strategies else "this summary"
+    return lines + _family_lines(comparison_family(cases, budgets, sections), "##", family)
+
+
+def _init_description(strategy: str) -> str:
+    return DESCRIPTIONS.get(
+        strategy, "a user-supplied encoder (model.init=" + strategy.split(":", 1)[-1] + ")"
     )
-    planned: list[tuple[str, list[Comparison]]] = []
-    for baseline, title, others in sections:
-        if baseline not in strategies or not others:
-            continue
-        group = [compare(cases, s, baseline, b) for b in budgets for s in others]
-        comparisons += group
-        planned.append((title, group))
-    for c, p in zip(comparisons, holm([c.test.p for c in comparisons]), strict=True):
-        c.p_adjusted = p
-    for title, group in planned:
-        lines += [f"## {title}", ""]
-        lines += [f"- {_comparison_text(c)}." for c in group]
-        lines.append("")
-    if comparisons:
-        tested = sum(c.test.p is not None for c in comparisons)
-        lines += [
-            "Differences pair the same test case under both strategies at the same budget and seed "
-            "(`strategy - baseline`); the interval resamples seeds, then cases. The test is a "
-            "two-sided Wilcoxon signed-rank test on one value per test case (its difference averaged "
-            f"over seeds), n = the number of test cases; with fewer than {MIN_NONZERO_PAIRS} non-zero "
-            f"differences no p-value is given. The {tested} p-values are corrected together for "
-            "multiple comparisons by Holm's step-down method.",
-            "",
-        ]
-    lines += ["## Strategies", ""]
-    for s in strategies:
-        desc = DESCRIPTIONS.get(s, "a user-supplied encoder (model.init=" + s.split(":", 1)[-1] + ")")
-        lines.append(f"- `{s}`: {desc}.")
-    lines += [
+
+
+def _partial_lines(cfg: BenchmarkConfig, plan: Plan, cases: list[dict[str, Any]]) -> list[str]:
+    """The partial-label axis: what its cells train on and are scored on, its table, its comparisons
+    against the first listed strategy (a Holm family of their own) and each strategy's stage 2 setup."""
+    names = [f"{PARTIAL_PREFIX}{n}" for n in cfg.partial_strategies]
+    budgets = cfg.budgets
+    rows = [r for r in cases if r["axis"] == "partial_label"]
+    organs = sorted({r["organ"] for r in rows})
+    others = ", ".join(f"`{d}`" for d in cfg.data.other_datasets)
+    baseline = names[0]
+    lines = [
+        f"## Partial-label strategies (initialisation: {cfg.partial_init})",
         "",
+        "Each cell trains one stage 2 model with one partial-label strategy:",
+        "",
+        f"- its encoder initialised by `{cfg.partial_init}`: {_init_description(cfg.partial_init)};",
+        f"- on the target `{cfg.data.target}` at the label budget, together with every training case of "
+        f"{others} (the budget subsets the target's training cases only);",
+        "- with the weights of its best mean validation Dice over held-out cases of every dataset (the "
+        "target's held-out cases are those of the initialisation cells);",
+        "- tested with the target's task. Organs scored (both the target and the test set label them): "
+        f"{', '.join(organs) or 'none yet'}; the organs only the other datasets label are segmented but "
+        "not scored.",
+        "",
+        TABLE_NOTE,
+        "",
+        format_interval_table(interval_table(cases, names, budgets), names, budgets),
+        "",
+    ]
+    section = (baseline, f"Against `{baseline}` (the first partial-label strategy)", names[1:])
+    lines += _family_lines(
+        comparison_family(cases, budgets, [section]), "###", "the partial-label comparisons"
+    )
+    lines += ["### Partial-label strategies", ""]
+    for name in cfg.partial_strategies:
+        cell = next(c for c in plan.cells if c.strategy == f"{PARTIAL_PREFIX}{name}")
+        ft = cell.config
+        extra = cfg.partial_overrides.get(name, [])
+        lines.append(
+            f"- `{PARTIAL_PREFIX}{name}`: {PARTIAL_DESCRIPTIONS[name]}; network {ft.model.name}, "
+            f"train.strategy={ft.train.strategy}, overrides {[*PARTIAL_STRATEGIES[name], *extra]}."
+        )
+    return [*lines, ""]
+
+
+def write_summary(
+    cfg: BenchmarkConfig,
+    plan: Plan,
+    cases: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    plots: list[tuple[str, str]],
+) -> str:
+    """The text of ``summary.md``."""
+    strategies, budgets = list(cfg.strategies), cfg.budgets
+    test_cases = sorted({(r["dataset"], r["case"]) for r in cases})
+    axes = []
+    if strategies:
+        axes.append(f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'}")
+    if cfg.partial_strategies:
+        n = len(cfg.partial_strategies)
+        axes.append(f"{n} partial-label strateg{'y' if n == 1 else 'ies'}")
+    grid = axes[0] if len(axes) == 1 else f"({' + '.join(axes)})"
+    organs = sorted({r["organ"] for r in cases})
+    seeds_text = f"{_count(len(cfg.seeds), 'fine-tuning seed')} {list(cfg.seeds)}"
+    if cfg.pretrain_seeds is not None:
+        seeds_text += f", paired with pretraining seeds {list(cfg.pretrain_seeds)}"
+    title = "Initialisation benchmark"
+    if cfg.partial_strategies:
+        title = "Initialisation and partial-label benchmark" if strategies else "Partial-label benchmark"
+    lines = [
+        f"# {title}",
+        "",
+        f"Fine-tuning target `{cfg.data.target}`; test set `{cfg.data.test}` "
+        f"({_count(len(test_cases), 'case')}; "
+        f"organs scored, those both the target and the test set label: {', '.join(organs) or 'none yet'}). "
+        f"{len(records)} of {len(plan.cells)} cells finished ({grid} x "
+        f"{_count(len(budgets), 'label budget')} x {seeds_text}).",
+        "",
+        "## Budget",
+        "",
+        *_budget_lines(cfg, plan, records),
+        "",
+    ]
+    if strategies:
+        lines += _init_lines(cfg, cases)
+    if cfg.partial_strategies:
+        lines += _partial_lines(cfg, plan, cases)
+    if strategies:
+        lines += ["## Strategies", ""]
+        lines += [f"- `{s}`: {_init_description(s)}." for s in strategies]
+        lines.append("")
+    lines += [
         "## Files",
         "",
         "- `results.csv`: one row per cell x organ (mean over test cases), with training time.",
-        "- `cases.csv`: one row per cell x test case x organ (the paired tests' input).",
+        "- `cases.csv`: one row per cell x test case x organ (the paired tests' input); `axis` is "
+        "`initialisation` or `partial_label`.",
         *(f"- `{name}`: {desc}" for name, desc in plots),
         "- `config.yaml`, `versions.json`: the resolved benchmark config and library versions.",
         "- `runs/<strategy>/<budget>_s<seed>/`: each cell's run (`test/` holds its test scores; "
         "`split.json` its training and validation cases); a budget is `f<share>` or `n<cases>`.",
-        "- `pretrain/<variant>-<config hash>/`: the pretraining runs.",
-        "",
     ]
+    if cfg.partial_strategies:
+        lines.append(
+            "- `runs/partial-<name>/<budget>_s<seed>/`: the partial-label cells (`test/` scores every organ "
+            "the model and the test set share; the summary and the CSVs keep the target's)."
+        )
+    lines += ["- `pretrain/<variant>-<config hash>/`: the pretraining runs.", ""]
     return "\n".join(lines)
 
 
@@ -396,6 +515,7 @@ def plot_dice_vs_budget(
     strategies: Sequence[str],
     budgets: Sequence[str],
     path: Path,
+    title: str = "Dice vs label budget",
 ) -> None:
     """Mean test Dice against the number of labelled training cases (log x), one line per strategy,
     95 % hierarchical bootstrap intervals; strategies dodged sideways so the bars do not overlap."""
@@ -420,18 +540,21 @@ def plot_dice_vs_budget(
         high = np.array([table[(s, b)].high for b in bs]) - means
         ax.errorbar(xs, means, yerr=[low, high], marker="o", capsize=3, label=s)
     ax.set_xscale("log")
+    ax.set_xlim(min(x_of.values()) / 1.6, max(x_of.values()) * 1.6)
     ax.set_xticks([x_of[b] for b in budgets])
     ax.set_xticklabels([f"{x_of[b]:g}" if b in counts else budget_label(b) for b in budgets], fontsize=8)
     ax.minorticks_off()
     ax.set_xlabel("labelled training cases of the target")
     ax.set_ylabel("mean test Dice per case (95 % CI)")
-    ax.set_title("Dice vs label budget")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def plot_organ_dice(cases: list[dict], strategies: Sequence[str], budget: str, path: Path) -> None:
+def plot_organ_dice(
+    cases: list[dict], strategies: Sequence[str], budget: str, path: Path, title: str = "Per-organ Dice"
+) -> None:
     """Grouped bars: per organ, each strategy's mean Dice over seeds at ``budget`` (± std over seeds)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -455,7 +578,7 @@ def plot_organ_dice(cases: list[dict], strategies: Sequence[str], budget: str, p
     ax.set_xticklabels([o.split("/")[-1] for o in organs], rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean test Dice (± std over seeds)")
-    ax.set_title(f"Per-organ Dice at {budget_label(budget)}")
+    ax.set_title(f"{title} at {budget_label(budget)}")
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -467,24 +590,40 @@ def write_report(cfg: BenchmarkConfig, plan: Plan) -> Path:
     _write_csv(out / "cases.csv", cases, CASE_COLUMNS)
     _write_csv(out / "results.csv", organ_rows(cases, records), RESULT_COLUMNS)
     plots: list[tuple[str, str]] = []
-    if cases:
+    partial = [f"{PARTIAL_PREFIX}{n}" for n in cfg.partial_strategies]
+    axes = (  # axis, its strategies, file prefix, title prefix, what a line or bar is
+        ("initialisation", list(cfg.strategies), "", "", "strategy"),
+        ("partial_label", partial, "partial_", "Partial-label strategies: ", "partial-label strategy"),
+    )
+    for axis, strategies, prefix, title, noun in axes:
+        rows = [r for r in cases if r["axis"] == axis]
+        if not rows:
+            continue
         budgets = cfg.budgets
-        table = interval_table(cases, cfg.strategies, budgets)
-        plot_dice_vs_budget(table, records, cfg.strategies, budgets, out / "dice_vs_budget.png")
-        done = {budget_of(r) for r in cases}
-        lowest = next(b for b in budgets if b in done)
-        name = f"organ_dice_{lowest}.png"
-        plot_organ_dice(cases, cfg.strategies, lowest, out / name)
-        plots = [
-            (
-                "dice_vs_budget.png",
-                "mean test Dice per case against the number of labelled training cases (95 % CIs).",
-            ),
+        table = interval_table(rows, strategies, budgets)
+        axis_records = [r for r in records if r["axis"] == axis]
+        name = f"{prefix}dice_vs_budget.png"
+        plot_dice_vs_budget(
+            table, axis_records, strategies, budgets, out / name, f"{title}Dice vs label budget"
+        )
+        plots.append(
             (
                 name,
-                f"per-organ test Dice per strategy at the smallest finished budget ({budget_label(lowest)}).",
-            ),
-        ]
+                f"mean test Dice per case of each {noun} against the number of labelled training cases of "
+                "the target (95 % CIs).",
+            )
+        )
+        done = {budget_of(r) for r in rows}
+        lowest = next(b for b in budgets if b in done)
+        name = f"{prefix}organ_dice_{lowest}.png"
+        organ_title = f"{title}per-organ Dice" if title else "Per-organ Dice"
+        plot_organ_dice(rows, strategies, lowest, out / name, organ_title)
+        plots.append(
+            (
+                name,
+                f"per-organ test Dice per {noun} at the smallest finished budget ({budget_label(lowest)}).",
+            )
+        )
     summary = out / "summary.md"
     atomic_write_text(summary, write_summary(cfg, plan, cases, records, plots))
     return summary

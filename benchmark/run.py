@@ -3,8 +3,11 @@
 Each cell of the grid is a stage 2 run on ``data.target`` with a share ``fraction`` of its training
 cases, seeded by ``seed``, its encoder initialised by ``strategy`` (see :mod:`mosmos.benchmark.config`);
 the best weights by validation Dice are then scored on the labelled ``data.test`` (only the organs the
-target labels). Every cell trains the same fixed budget (``train.epochs`` of the fine-tuning config):
-there is no early stopping, and the summary says so.
+target labels). A cell of the partial-label axis (``partial_strategies``) trains one model on the
+target (at the budget) and the whole ``data.other_datasets`` with one partial-label strategy, from
+``partial_init``, and is scored the same way: the target's task, the target's organs. Every cell
+trains the same fixed budget (``train.epochs`` of the fine-tuning config): there is no early
+stopping, and the summary says so.
 
 Pretraining variants and cells are planned first (:mod:`mosmos.benchmark.plan`). Every run resumes
 (``train.resume=latest``), so a second call skips finished work and continues unfinished work. The
@@ -30,6 +33,7 @@ from mosmos.errors import MosmosError
 from mosmos.export import Preprocessing, write_encoder_export
 from mosmos.finetune.evaluate import evaluate_run
 from mosmos.finetune.inference import load_model
+from mosmos.finetune.predict import read_spec
 from mosmos.finetune.train import BEST_FILE, SPLIT_FILE
 from mosmos.finetune.train import run as run_finetune
 from mosmos.io import atomic_write_text, library_versions, write_json
@@ -102,20 +106,26 @@ def train_and_evaluate(cell: Cell, cfg: BenchmarkConfig) -> dict:
         print(f"benchmark: {cell.dir}: training interrupted; run the benchmark again to resume")
         raise KeyboardInterrupt
     t1 = time.time()
+    # the plan lists the target first in data.datasets, so its task is the first; a partial-label
+    # model is asked for the target's task (its task token, where the network has them)
+    target = read_spec(cell.dir).tasks[0]
     evaluate_run(
         cell.dir,
         cfg.data.test,
         cell.dir / "test",
+        task=target["name"] if cell.axis == "partial_label" else None,
         device=cfg.eval.device,
         overlap=cfg.eval.overlap,
         sw_batch_size=cfg.eval.sw_batch_size,
     )
     last = _last_record(cell.dir)
     best_json = json.loads((cell.dir / BEST_FILE).read_text(encoding="utf-8"))
-    split_path = cell.dir / SPLIT_FILE
+    split_path = cell.dir / SPLIT_FILE  # mutual learning writes none
     split = json.loads(split_path.read_text(encoding="utf-8")) if split_path.is_file() else {}
+    n_train = sum(c["dataset"] == target["name"] for c in split["train"]) if "train" in split else None
     return {
-        "n_train_cases": len(split["train"]) if "train" in split else None,
+        "target_organs": list(target["organs"]),  # the organs scored (collect drops the others)
+        "n_train_cases": n_train,  # of the target
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(time.time() - t1, 2),
         "resumed": resumed,
@@ -142,6 +152,8 @@ def _run_cell(cell: Cell, cfg: BenchmarkConfig) -> None:
         cell.dir / DONE_FILE,
         {
             "strategy": cell.strategy,
+            "axis": cell.axis,
+            "datasets": list(cell.config.data.datasets),
             "budget": cell.budget,
             "fraction": cell.fraction,
             "seed": cell.seed,
@@ -166,10 +178,12 @@ def run_benchmark(cfg: BenchmarkConfig) -> Path:
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     write_json(out / "versions.json", library_versions())
     todo = [cell for cell in plan.cells if not cell.done]
+    axes = f"{len(cfg.strategies)} strategies"
+    if cfg.partial_strategies:
+        axes += f" + {len(cfg.partial_strategies)} partial-label strategies at {cfg.partial_init}"
     print(
-        f"benchmark: {len(plan.cells)} cells ({len(cfg.strategies)} strategies x {len(cfg.budgets)} "
-        f"label budgets {cfg.budgets} x {len(cfg.seeds)} seeds), {len(plan.cells) - len(todo)} finished, "
-        f"{len(todo)} to run"
+        f"benchmark: {len(plan.cells)} cells (({axes}) x {len(cfg.budgets)} label budgets {cfg.budgets} x "
+        f"{len(cfg.seeds)} seeds), {len(plan.cells) - len(todo)} finished, {len(todo)} to run"
     )
     try:
         for name in dict.fromkeys(cell.variant for cell in todo if cell.variant):

@@ -58,6 +58,7 @@ def _stage_config(stage: str, data: Path, work: Path, steps: int, extra: list[st
         "train.eval_every=1000000",
         "train.checkpoint_every=1000000",
         "data.check=none",
+        "train.overwrite=true",  # a reused --work folder: time a fresh run, never resume a finished one
         *extra,
     ]
     if stage == "1":

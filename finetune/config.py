@@ -28,6 +28,9 @@ class FinetuneData:
     # at most this many labelled training cases per dataset (after data.fraction; the same seeded
     # order, so a smaller count keeps a subset of a larger one's cases); null: no cap
     max_train_cases: int | None = None
+    # the datasets data.fraction and data.max_train_cases subset (data.datasets entries or dataset
+    # names; e.g. the benchmark's target, trained beside whole partially labelled datasets); null: all
+    subset_datasets: list[str] | None = None
     val_fraction: float = 0.2  # held-out share of each dataset's cases, split by seed (at least one)
     # voxel size (mm, RAS), HU window and body threshold; null: from the stage 1 encoder.json when
     # model.init names one (so both stages see the same volumes), else the defaults below
@@ -168,6 +171,14 @@ class SlidingWindowEval:
 class FinetuneEval(SlidingWindowEval):
     hd95: bool = True  # also compute the 95% Hausdorff distance (slower than Dice)
     max_cases: int | None = None  # cap on validation cases per dataset per evaluation
+    # validation cases drawn at each evaluation (an axial slice: ground truth outlined, prediction
+    # filled, per organ) to TensorBoard, and those of the best model to RUN/overlays/*.png (0: off)
+    overlays: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        if self.overlays < 0:
+            raise ConfigError(f"eval.overlays={self.overlays} must be >= 0 (0 draws none)")
 
 
 @dataclass

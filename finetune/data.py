@@ -161,6 +161,14 @@ def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
             f"data.label_map / data.ignore_labels / data.labels name dataset(s) {unknown} that are not "
             f"in data.datasets; the datasets are {sorted(names_seen)}"
         )
+    subset = cfg.data.subset_datasets
+    paths = [str(p) for p in cfg.data.datasets]
+    unmatched = [d for d in subset or [] if d not in names_seen and d not in paths]
+    if unmatched:
+        raise ConfigError(
+            f"data.subset_datasets names {unmatched}, which are not in data.datasets; the datasets are "
+            f"{sorted(names_seen)} (or their data.datasets entries {paths})"
+        )
     labelled_organs = {o for ds in datasets for o in ds.organs}
     organs = [o for o in vocab.names if o in labelled_organs]
     if not organs:
@@ -170,15 +178,16 @@ def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
         labelled = [o in ds.organs for o in organs]
         data.tasks.append(TaskInfo(ti, ds.name, list(ds.organs), labelled, ds.lookup_table(organs), ds))
         cases = [c for c in ds.train if c.label is not None]
+        subsetted = subset is None or ds.name in subset or paths[ti] in subset
         # salted by the dataset's name, not its position: a dataset splits the same way alone or in
         # any combination with others (so single-dataset and joint runs validate on the same cases)
         train, val = _split(
             cases,
             cfg.data.val_fraction,
-            cfg.data.fraction,
+            cfg.data.fraction if subsetted else 1.0,
             cfg.seed,
             zlib.crc32(ds.name.encode()),
-            cfg.data.max_train_cases,
+            cfg.data.max_train_cases if subsetted else None,
         )
         data.train += [(c, ti) for c in train]
         data.val += [(c, ti) for c in val]

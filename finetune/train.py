@@ -24,7 +24,7 @@ from mosmos.finetune.data import (  # load_label, organ_tasks: imported from her
     organ_tasks,
 )
 from mosmos.finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
-from mosmos.io import write_json
+from mosmos.io import atomic_write_bytes, write_json
 from mosmos.vocabulary import load_vocabulary
 
 logger = logging.getLogger("mosmos")
@@ -32,6 +32,28 @@ logger = logging.getLogger("mosmos")
 BEST_FILE = "best.json"
 SPLIT_FILE = "split.json"  # the run's training and validation cases
 VAL_CASES_FILE = "val_cases.csv"
+OVERLAYS_DIR = "overlays"  # PNGs of the best model's predictions on a few validation cases
+
+
+def overlay_cases(val: list, count: int, max_cases: int | None = None) -> set[tuple[int, str]]:
+    """``(task index, case id)`` of the ``count`` validation cases drawn at each evaluation: the first of
+    each dataset in turn (among those evaluated, ``eval.max_cases`` per dataset)."""
+    per_task: dict[int, list] = {}
+    for case, ti in val:
+        if max_cases is None or len(per_task.get(ti, [])) < max_cases:
+            per_task.setdefault(ti, []).append(case)
+    chosen: list = []
+    queues = [list(cases) for _, cases in sorted(per_task.items())]
+    while len(chosen) < count and any(queues):
+        for ti, queue in zip(sorted(per_task), queues, strict=True):
+            if queue and len(chosen) < count:
+                chosen.append((ti, queue.pop(0)))
+    return {(ti, case.case_id) for ti, case in chosen}
+
+
+def safe_name(stem: str) -> str:
+    """A file name from a dataset and case name (path separators and odd characters become _)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
 
 
 class FinetuneTask:
@@ -124,6 +146,9 @@ class FinetuneTask:
         best_path = self.output_dir / BEST_FILE
         self.best = json.loads(best_path.read_text()) if best_path.is_file() else None
         self.last_rows: list[dict] = []
+        self.overlay_cases = overlay_cases(self.data.val, cfg.eval.overlays, cfg.eval.max_cases)
+        self.overlays: dict[str, bytes] = {}  # PNGs of the last evaluation, by file stem
+        self.eval_images: dict = {}  # the same as arrays, for the engine's TensorBoard log
         accelerator.print(
             f"stage 2: {len(self.data.tasks)} task(s), {len(self.data.organs)} organs, "
             f"{len(self.data.train)} training / {len(self.data.val)} validation cases"
@@ -156,17 +181,28 @@ class FinetuneTask:
             label, spacing = load_label(case.label, task.lut, task.name)
             for row in case_metrics(pred, label, self.data.organs, task.organs, spacing, self.cfg.eval.hd95):
                 rows.append({"dataset": task.name, "case": case.case_id, **row})
+            if (ti, case.case_id) in self.overlay_cases:
+                from mosmos.finetune.overlays import case_overlay
+
+                self.overlays[f"{task.name}_{case.case_id}"] = case_overlay(
+                    case.image, label, pred, self.data.organs, f"{task.name} {case.case_id}"
+                )
         return rows
 
     def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
         from mosmos.finetune.metrics import summarize, write_case_csv
+        from mosmos.finetune.overlays import png_array
 
+        self.overlays = {}
         rows = self.validation_rows(model)
         summary = summarize(rows)
         mean = summary["mean_dice"]
+        self.eval_images = {f"overlays/{stem}": png_array(png) for stem, png in self.overlays.items()}
         if self.best is None or mean > self.best["mean_dice"]:
             save_model(self.output_dir, model, self.spec)
             write_case_csv(rows, self.output_dir / VAL_CASES_FILE)
+            for stem, png in self.overlays.items():  # the pictures of the model the run keeps
+                atomic_write_bytes(self.output_dir / OVERLAYS_DIR / f"{safe_name(stem)}.png", png)
             self.best = {"mean_dice": mean, "epoch": epoch}
             write_json(self.output_dir / BEST_FILE, self.best)
         # overall means and per-dataset Dice go to the engine's history (NaN, e.g. an HD95 with an empty
@@ -180,17 +216,20 @@ class FinetuneTask:
 def run(cfg: FinetuneConfig) -> dict:
     """Train stage 2 as configured; returns the best validation metrics."""
     from mosmos.engine import Engine, start_run
+    from mosmos.engine.rundir import removed_if_start_fails
     from mosmos.finetune.metrics import format_dice_table, read_case_csv, summarize
 
+    output_dir = Path(cfg.output_dir)
     if cfg.train.strategy == "mutual":  # two stages of model cohorts: its own driver
         from mosmos.finetune.mutual import run_mutual
 
-        return run_mutual(cfg)
-    output_dir = Path(cfg.output_dir)
-    accelerator = start_run(cfg, cfg.train)
-    task = FinetuneTask(cfg, accelerator)
-    engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=accelerator)
-    history = engine.fit()
+        with removed_if_start_fails(output_dir):
+            return run_mutual(cfg)
+    with removed_if_start_fails(output_dir):  # a config or data error leaves no half-made run folder
+        accelerator = start_run(cfg, cfg.train)
+        task = FinetuneTask(cfg, accelerator)
+        engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=accelerator)
+        history = engine.fit()
     if not accelerator.is_main_process or engine.interrupted:
         return {}
     best_epoch = task.best["epoch"] if task.best else None
@@ -213,8 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mosmos.finetune", description="mosmos stage 2 fine-tuning"
     )
     parser.add_argument("--config", required=True, help="YAML config (see configs/finetune/)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished run (or one of another config) in output_dir (train.overwrite=true)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     args = parser.parse_args(argv)
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    overrides = [*args.overrides, *(["train.overwrite=true"] if args.overwrite else [])]
+    cfg = load_config(FinetuneConfig, args.config, overrides)
     run(cfg)
     return 0

@@ -277,41 +277,28 @@ def export(task: PretrainTask, objective, output_dir: Path) -> dict[str, Path]:
     return montages
 
 
-def log_montages(accelerator, montages: dict[str, Path], output_dir: Path, step: int) -> None:
-    """The attention montages as TensorBoard images (``attention/<organ>``), beside the run's scalars.
+def log_montages(accelerator, montages: dict[str, Path], step: int) -> None:
+    """The attention montages as TensorBoard images (``attention/<organ>``), beside the run's scalars,
+    when the run logs to TensorBoard (:func:`mosmos.engine.images.log_images`)."""
+    from mosmos.engine.images import log_images
 
-    The engine has closed its trackers by now; a writer on the TensorBoard tracker's folder adds an
-    event file there, which TensorBoard reads as the same run."""
-    if not montages:
-        return
-    from matplotlib.image import imread
-    from torch.utils.tensorboard import SummaryWriter
-
-    try:
-        tracker = accelerator.get_tracker("tensorboard")
-        log_dir = getattr(tracker, "logging_dir", None)
-    except (AttributeError, ValueError):
-        log_dir = None
-    writer = SummaryWriter(str(log_dir or output_dir / "logs" / "tb"))
-    try:
-        for organ, path in montages.items():
-            writer.add_image(f"attention/{organ}", imread(path)[..., :3], step, dataformats="HWC")
-    finally:
-        writer.close()
+    log_images(accelerator, {f"attention/{organ}": path for organ, path in montages.items()}, step)
 
 
 def run(cfg: PretrainConfig) -> dict:
     """Train stage 1 as configured; returns the final validation metrics."""
     from mosmos.engine import Engine, start_run
+    from mosmos.engine.rundir import removed_if_start_fails
 
     output_dir = Path(cfg.output_dir)
-    engine_probe = start_run(cfg, cfg.train)
-    task = PretrainTask(cfg, engine_probe)
-    engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=engine_probe)
-    history = engine.fit()
+    with removed_if_start_fails(output_dir):  # a config or data error leaves no half-made run folder
+        engine_probe = start_run(cfg, cfg.train)
+        task = PretrainTask(cfg, engine_probe)
+        engine = Engine(task, cfg.train, output_dir, seed=cfg.seed, accelerator=engine_probe)
+        history = engine.fit()
     if engine_probe.is_main_process and not engine.interrupted:
         montages = export(task, engine_probe.unwrap_model(engine.model), output_dir)
-        log_montages(engine_probe, montages, output_dir, engine.global_step)
+        log_montages(engine_probe, montages, engine.global_step)
         final = history[-1] if history else {}
         print(f"stage 1 finished: {output_dir}/encoder.safetensors")
         for key in (
@@ -334,9 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mosmos.pretrain", description="MOSMOS stage 1 pretraining"
     )
     parser.add_argument("--config", required=True, help="YAML config (see configs/pretrain/)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished run (or one of another config) in output_dir (train.overwrite=true)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     args = parser.parse_args(argv)
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    overrides = [*args.overrides, *(["train.overwrite=true"] if args.overwrite else [])]
+    cfg = load_config(PretrainConfig, args.config, overrides)
     np.set_printoptions(precision=3)
     run(cfg)
     return 0

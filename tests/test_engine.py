@@ -305,3 +305,17 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_better_score(
     assert history[-1]["step"] == 48
     cfg.early_stopping_patience = 1
     assert Engine(ToyTask(), cfg, tmp_path / "c", seed=0).fit()[-1]["step"] == 48
+
+
+def test_an_fsdp_launch_without_cuda_is_reported_as_unsharded():
+    """Accelerate does not shard on CPUs (an FSDP launch there trains DDP or alone): the user is told so,
+    and nothing is said on CUDA or without an FSDP launch."""
+    from mosmos.engine.accelerator import fsdp_without_cuda_warning
+
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}
+    message = fsdp_without_cuda_warning(fsdp, cuda=False)
+    assert message and "does not shard" in message and "(DDP over gloo) on 2 processes" in message
+    assert "in one process" in fsdp_without_cuda_warning({"ACCELERATE_USE_FSDP": "true"}, cuda=False)
+    assert fsdp_without_cuda_warning(fsdp, cuda=True) is None
+    assert fsdp_without_cuda_warning({"WORLD_SIZE": "2"}, cuda=False) is None
+    assert fsdp_without_cuda_warning({"ACCELERATE_USE_FSDP": "false", "WORLD_SIZE": "2"}, cuda=False) is None

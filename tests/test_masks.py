@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mosmos.config import load_config
+from mosmos.errors import ConfigError
 from mosmos.models.losses import attention_equivariance_loss, attention_mask_loss, organ_fractions
 from mosmos.pretrain.config import PretrainConfig
 from tests.conftest import REPO, tiny_pretrain_overrides
@@ -275,3 +276,40 @@ def test_benchmark_strategy_sets_the_mask_datasets_of_its_stage1(tmp_path):
     assert paper.data.mask_datasets == [] and variants["mosmos_masks"].dir != variants["mosmos"].dir
     own = make_plan(load_config(BenchmarkConfig, None, [*base, f"data.mask_datasets=[{tmp_path / 'few'}]"]))
     assert own.variants["mosmos_masks"].config.data.mask_datasets == [str(tmp_path / "few")]
+
+
+def test_benchmark_plans_mosmos_variant_masks(tmp_path):
+    """mosmos_variant+masks: the mosmos_variant objective (objective_variants) plus the masked scans; a
+    config without mask datasets is refused before any work."""
+    from mosmos.benchmark.config import BenchmarkConfig
+    from mosmos.benchmark.plan import make_plan
+
+    for name in ("target", "test", "few"):
+        (tmp_path / name).mkdir()
+    base = [
+        f"output_dir={tmp_path / 'bench'}",
+        f"data.target={tmp_path / 'target'}",
+        f"data.test={tmp_path / 'test'}",
+        f"data.pretrain_table={tmp_path / 'reports.csv'}",
+        "strategies=[random, mosmos_variant, mosmos_variant+masks, shuffled_variant]",
+        "objective_variants=[lit, pooled_tags]",
+        "label_cases=[1]",
+        "fractions=[]",
+        "seeds=[0]",
+        f"pretrain_config={DEMO}",
+        f"finetune_config={REPO / 'configs/finetune/demo.yaml'}",
+    ]
+    with pytest.raises(ConfigError, match=r"data.mask_datasets .*mosmos_variant\+masks"):
+        make_plan(load_config(BenchmarkConfig, None, base))
+    variants = make_plan(
+        load_config(BenchmarkConfig, None, [*base, f"data.mask_datasets=[{tmp_path / 'few'}]"])
+    ).variants
+    masks, plain = variants["mosmos_variant_masks"].config, variants["mosmos_variant"].config
+    assert masks.train.variants == plain.train.variants == ["lit", "pooled_tags"]
+    assert masks.data.mask_datasets == [str(tmp_path / "few")] and plain.data.mask_datasets == []
+    assert variants["shuffled_variant"].config.data.mask_datasets == []
+    # everything else of the two stage 1 configs is the same (the comparison isolates the masks)
+    masks.data.mask_datasets = []
+    assert masks.output_dir != plain.output_dir
+    masks.output_dir = plain.output_dir
+    assert masks == plain

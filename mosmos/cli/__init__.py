@@ -24,6 +24,19 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 data.size=[64,64,32]")
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished run, or one of another config, in output_dir: its checkpoints, logs "
+        "and exports are removed first (train.overwrite=true); refused when the folder holds other files",
+    )
+
+
+def _stage_argv(args) -> list[str]:
+    return ["--config", args.config, *(["--overwrite"] if args.overwrite else []), *args.overrides]
+
+
 def _synth(sub) -> None:
     from mosmos.synth import cli
 
@@ -58,11 +71,12 @@ def _check(sub) -> None:
 def _pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="stage 1: report-supervised pretraining (MOSMOS)")
     _add_run_arguments(p)
+    _add_overwrite(p)
 
     def run(args):
         from mosmos.pretrain.train import main
 
-        return main(["--config", args.config, *args.overrides])
+        return main(_stage_argv(args))
 
     p.set_defaults(func=run)
 
@@ -70,11 +84,12 @@ def _pretrain(sub) -> None:
 def _finetune(sub) -> None:
     p = sub.add_parser("finetune", help="stage 2: multi-organ segmentation from partially labelled datasets")
     _add_run_arguments(p)
+    _add_overwrite(p)
 
     def run(args):
         from mosmos.finetune.train import main
 
-        return main(["--config", args.config, *args.overrides])
+        return main(_stage_argv(args))
 
     p.set_defaults(func=run)
 
@@ -126,11 +141,17 @@ def _demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on generated data, on CPU (what `make demo` runs)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed for data and training (default: 0)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the shipped demo configs as they are (an hour or more on 2 cores) instead of the "
+        "ten-minute budget",
+    )
 
     def run(args):
         from mosmos.cli.demo import run_demo
 
-        return run_demo(Path(args.out), seed=args.seed)
+        return run_demo(Path(args.out), seed=args.seed, full=args.full)
 
     p.set_defaults(func=run)
 

@@ -10,6 +10,9 @@ A stage builds a :class:`Task` (model, data, ``step(model, batch) -> {"loss": ..
 - ``sampler``: the (seed, epoch)-determined data order that makes resume exact.
 - ``precision``: which autocast precision this machine grants (bf16 on CPUs only where native).
 - ``accelerator``: the Accelerator and the run directory a run starts with.
+- ``rundir``: whether a run may start in its ``output_dir`` (``train.resume: auto``, ``--overwrite``)
+  and the clean-up of a failed start.
+- ``images``: pictures a run draws, as TensorBoard images.
 - ``config``: :class:`TrainConfig`, the ``train`` section of every stage.
 """
 

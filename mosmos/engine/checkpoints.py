@@ -131,11 +131,13 @@ def remove_stale_temporaries(accelerator: Accelerator, output_dir: Path) -> None
 def _candidates(resume: str | None, output_dir: Path) -> list[Path]:
     if not resume:
         return []
-    if resume == "latest":
+    if resume in ("latest", "auto"):  # auto: start_run has checked that the checkpoints are this run's
         return list_checkpoints(output_dir)
     path = Path(resume)
     if not path.is_dir():
-        raise ConfigError(f"train.resume={resume!r}: no such checkpoint directory (or use 'latest')")
+        raise ConfigError(
+            f"train.resume={resume!r}: no such checkpoint directory (or use 'auto' or 'latest')"
+        )
     return [path]
 
 
@@ -177,8 +179,9 @@ def load_newest(accelerator: Accelerator, resume: str | None, output_dir: Path) 
 
     Args:
         accelerator: holds the prepared model and optimizer the checkpoint is loaded into.
-        resume: ``train.resume``: "latest" (the run's checkpoints, newest first), a checkpoint
-            directory, or None.
+        resume: ``train.resume``: "latest" or "auto" (the run's checkpoints, newest first: what
+            "auto" may continue is :func:`mosmos.engine.rundir.plan_run_dir`'s decision), a
+            checkpoint directory, or None.
         output_dir: the run directory.
 
     Returns:
@@ -194,7 +197,7 @@ def load_newest(accelerator: Accelerator, resume: str | None, output_dir: Path) 
             if state is not None:
                 return ckpt, state
             unusable.append(ckpt)
-        if resume and resume != "latest":
+        if resume and resume not in ("latest", "auto"):
             raise MosmosError(f"could not resume from {resume}: the checkpoint is incomplete or corrupt")
         if unusable:
             # a failed load may have changed part of the model already: starting over from it would
@@ -206,5 +209,5 @@ def load_newest(accelerator: Accelerator, resume: str | None, output_dir: Path) 
             )
         return None
     finally:
-        # only "latest" sets them aside: a directory named by hand stays where the user put it
-        _set_aside(accelerator, unusable, move=resume == "latest")
+        # only the run's own are set aside: a directory named by hand stays where the user put it
+        _set_aside(accelerator, unusable, move=resume in ("latest", "auto"))

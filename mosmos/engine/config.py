@@ -28,7 +28,14 @@ class TrainConfig:
     num_workers: int | Literal["auto"] = "auto"
     checkpoint_every: int = 200  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept
-    resume: str | None = None  # "latest", a checkpoint directory, or null
+    # auto: continue the run in output_dir when it holds checkpoints of this same config, start
+    # afresh when it holds none, refuse a finished run or another config's (mosmos.engine.rundir);
+    # latest: continue from the newest checkpoint there, unchecked; a checkpoint directory; or
+    # null: always afresh (refuses a directory holding checkpoints)
+    resume: str | None = "auto"
+    # with resume auto or null: remove an earlier run's files in output_dir first (`--overwrite`);
+    # refused when the directory also holds files mosmos does not write
+    overwrite: bool = False
     log_every: int = 10  # optimizer steps between log lines / TensorBoard points
     eval_every: int = 1  # epochs between evaluations
     max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts

@@ -29,6 +29,7 @@ from mosmos.engine import checkpoints
 from mosmos.engine.accelerator import make_accelerator
 from mosmos.engine.autotune import choose_channels_last, resolve_num_workers
 from mosmos.engine.config import TrainConfig
+from mosmos.engine.images import log_images
 from mosmos.engine.sampler import make_train_loader
 from mosmos.engine.schedule import cosine_with_warmup, make_optimizer
 from mosmos.errors import MosmosError
@@ -42,8 +43,9 @@ logger = logging.getLogger("mosmos")
 
 class Task(Protocol):
     """What a stage hands the engine (optionally also ``lr_scale`` and ``freeze_steps``, by
-    parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`, and ``monitor``:
-    the validation metric, higher is better, that ``train.early_stopping_patience`` watches)."""
+    parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`; ``monitor``:
+    the validation metric, higher is better, that ``train.early_stopping_patience`` watches; and
+    ``eval_images``: ``{tag: [H, W, 3] array}`` the last ``evaluate`` drew, logged to TensorBoard)."""
 
     model: torch.nn.Module
     train_dataset: Dataset
@@ -122,7 +124,9 @@ class Engine:
                 signal.signal(signal.SIGINT, previous_handler)
         if self.interrupted:
             path = self.save_checkpoint()
-            acc.print(f"interrupted: saved {path}; continue with train.resume=latest")
+            acc.print(
+                f"interrupted: saved {path}; run the same command again to continue (train.resume=auto)"
+            )
         else:
             self._finish(start)
         acc.end_training()
@@ -342,6 +346,7 @@ class Engine:
                 {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                 step=self.global_step,
             )
+            log_images(acc, getattr(self.task, "eval_images", None) or {}, self.global_step)
             write_json(self.output_dir / "metrics.json", {"history": self.history, "final": record})
             # per-organ entries ("pointing_game/liver") go to TensorBoard and metrics.json only
             acc.print(
