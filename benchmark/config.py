@@ -16,8 +16,9 @@ Strategies (see :data:`STRATEGIES`):
   ``data.other_datasets``) also supervising each organ's attention map (stage 1's
   ``data.mask_datasets``; see docs/stage1-pretrain.md). ``mosmos_variant+masks`` is the same on the
   ``mosmos_variant`` objective (the departures in ``objective_variants``).
-* ``multidataset``: supervised stage 2 pretraining on ``data.other_datasets``; its encoder is
-  exported in the stage 1 format and initialises the target run.
+* ``multidataset``: supervised stage 2 pretraining on ``data.other_datasets``, transferred as
+  MultiTalent does: encoder and decoder (``model.transfer: encoder_decoder``), the new head warmed
+  up alone first (``train.head_warmup_steps``); its encoder is also exported in the stage 1 format.
 * ``checkpoint:PATH``: any encoder a user brings (a stage 1 run directory or encoder.safetensors).
 
 Partial-label strategies (the second axis, see :data:`PARTIAL_STRATEGIES`), each at one fixed
@@ -189,6 +190,12 @@ class BenchmarkConfig:
     # extra dotted stage 2 overrides per partial-label strategy, e.g. {mutual: [train.mutual.final=ensemble]}
     partial_overrides: dict[str, list[str]] = field(default_factory=dict)
 
+    # learning curves: shares of each cell's step cap (train.max_steps, else train.epochs x full batches
+    # of data.samples_per_epoch) at which its weights are saved and scored on the test set
+    # (OUTPUT/curves.csv, dice_vs_steps.png); the cell's own score (best-validation weights) is the
+    # last point. Empty: no curves (each point costs one test-set evaluation)
+    curve_points: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])
+
     train: BenchmarkTrain = field(default_factory=BenchmarkTrain)
     eval: BenchmarkEval = field(default_factory=BenchmarkEval)
 
@@ -218,6 +225,7 @@ class BenchmarkConfig:
             ("partial_strategies", self.partial_strategies),
             ("fractions", self.fractions),
             ("label_cases", self.label_cases),
+            ("curve_points", self.curve_points),
         ):
             if len(set(values)) != len(values):
                 raise ConfigError(f"{key}: {values} lists a value twice")
@@ -225,6 +233,11 @@ class BenchmarkConfig:
             raise ConfigError(f"seeds: {self.seeds} lists a value twice")
         if any(not 0 < f <= 1 for f in self.fractions):
             raise ConfigError(f"fractions={self.fractions}: shares must be in (0, 1]")
+        if any(not 0 < p < 1 for p in self.curve_points):
+            raise ConfigError(
+                f"curve_points={self.curve_points}: shares of the step cap must be in (0, 1) (the cell's "
+                "own score is the last point), e.g. [0.125, 0.25, 0.5], or [] for no learning curves"
+            )
         if any(n < 1 for n in self.label_cases):
             raise ConfigError(f"label_cases={self.label_cases}: counts of labelled cases must be >= 1")
         if not self.fractions and not self.label_cases:

@@ -6,13 +6,19 @@ reused across cells and invocations. Cells live in ``OUTPUT/runs/<strategy>/<bud
 (partial-label cells in ``OUTPUT/runs/partial-<name>/<budget>_s<seed>``) and are finished once their
 ``DONE.json`` exists; a cell folder holding a run of another
 configuration stops the benchmark (:func:`check_stale`) rather than mixing two experiments.
+
+Learning curves: each cell's ``train.snapshot_steps`` are its ``curve_points`` times its step cap
+(:func:`step_cap`, :func:`curve_steps`). Snapshots change no result, so the key is left out of the
+hash (:data:`NEUTRAL_KEYS`): a cell finished before curves existed still matches its config.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from mosmos.pretrain.config import PretrainConfig
 
 __all__ = [
     "CELL_FILE",
+    "CURVE_TEST_PREFIX",
     "DONE_FILE",
     "Cell",
     "Plan",
@@ -44,13 +51,18 @@ __all__ = [
     "cell_dirname",
     "check_stale",
     "config_hash",
+    "curve_steps",
     "make_plan",
+    "step_cap",
     "strategy_dirname",
 ]
 
 DONE_FILE = "DONE.json"
 CELL_FILE = "cell.json"  # written before a cell starts: the config hash it runs with
+CURVE_TEST_PREFIX = "test_step_"  # test_step_<k>/: a cell's test scores of its snapshot after step k
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+logger = logging.getLogger("mosmos")
 
 
 @dataclass
@@ -81,6 +93,8 @@ class Cell:
     config: Any  # FinetuneConfig
     config_hash: str
     variant: str | None  # the key of the pretraining variant it needs (Plan.variants)
+    # learning-curve points: optimizer step -> its share of the step cap (config.train.snapshot_steps)
+    curve: dict[int, float] = field(default_factory=dict)
 
     @property
     def axis(self) -> str:
@@ -136,25 +150,75 @@ def variant_key(name: str, pretrain_seed: int | None) -> str:
 
 #: Keys of the stage configs that do not change a run's results (where it writes, how it resumes,
 #: which pictures it draws): left out of every hash.
-NEUTRAL_KEYS = ("output_dir", "data.cache_dir", "train.resume", "train.overwrite", "eval.overlays")
+NEUTRAL_KEYS = (
+    "output_dir",
+    "data.cache_dir",
+    "train.resume",
+    "train.overwrite",
+    "eval.overlays",
+    "train.snapshot_steps",  # extra weight files for the learning curves; the training is the same
+)
 #: Keys added to the stage configs after benchmarks were run: left out of the hash while null (what
 #: every earlier run had), so the folders of those benchmarks still match their configs.
-NEWER_KEYS = ("data.subset_datasets",)
+NEWER_KEYS = ("data.subset_datasets", "train.stop_after_steps")
+
+
+#: Keys added later with a non-null default (key -> default): left out of the hash at that default.
+NEWER_DEFAULTS: dict[str, Any] = {
+    "model.output_channels": "organ",
+    "model.transfer": "encoder",
+    "train.head_warmup_steps": 0,
+}
+
+
+def multidataset_transfer(warmup_steps: int) -> list[str]:
+    """What the cells of the ``multidataset`` strategy fine-tune with unless the benchmark's overrides
+    say otherwise (``train.pretrained_overrides: [model.transfer=encoder, train.head_warmup_steps=0]``
+    is the encoder-only transfer): MultiTalent's transfer of the whole network (Ulrich et al. 2023),
+    whose fresh output head and task tokens first train alone, here for the cell's learning-rate
+    warm-up (``train.warmup_steps``)."""
+    return ["model.transfer=encoder_decoder", f"train.head_warmup_steps={warmup_steps}"]
 
 
 def config_hash(cfg: Any, ignore: tuple[str, ...] = NEUTRAL_KEYS) -> str:
-    """Short hash of a resolved config, without the keys that do not change results (``ignore``)
-    and the :data:`NEWER_KEYS` left null."""
+    """Short hash of a resolved config, without the keys that do not change results (``ignore``),
+    the :data:`NEWER_KEYS` left null and the :data:`NEWER_DEFAULTS` left at their default."""
     tree = to_dict(cfg)
-    for key in (*ignore, *NEWER_KEYS):
+    defaults = {**dict.fromkeys(NEWER_KEYS), **NEWER_DEFAULTS}
+    for key in (*ignore, *defaults):
         *parents, leaf = key.split(".")
         node = tree
         for part in parents:
             node = node.get(part, {})
-        if key in ignore or (leaf in node and node[leaf] is None):
+        if key in ignore or (leaf in node and node[leaf] == defaults[key]):
             node.pop(leaf, None)
     text = json.dumps(tree, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
+def step_cap(ft: FinetuneConfig) -> int | None:
+    """The optimizer steps a stage 2 run of ``ft`` trains at most, as the engine counts them on one
+    process: ``train.max_steps``, else ``train.epochs`` x the full batches of ``data.samples_per_epoch``
+    per epoch / ``train.grad_accum``. None when an epoch is the training cases themselves
+    (``data.samples_per_epoch`` null), a length known only once the data is read."""
+    t = ft.train
+    if t.max_steps:
+        return t.max_steps
+    if ft.data.samples_per_epoch is None:
+        return None
+    return t.epochs * max(1, (ft.data.samples_per_epoch // t.batch_size) // t.grad_accum)
+
+
+def curve_steps(cap: int, points: list[float]) -> dict[int, float]:
+    """``{optimizer step: share}`` of the learning-curve ``points`` (shares of ``cap``): step
+    ``ceil(share x cap)``, at least 1; a share landing on the cap itself (the cell's own score) or on
+    the step of a smaller share (a short budget) is left out."""
+    out: dict[int, float] = {}
+    for share in sorted(points):
+        step = max(1, math.ceil(share * cap - 1e-9))  # 0.1 x 30 is 3.0000000000000004, not 4
+        if step < cap:
+            out.setdefault(step, share)
+    return out
 
 
 def _find_file(path: str, key: str) -> Path:
@@ -325,9 +389,36 @@ def make_plan(cfg: BenchmarkConfig) -> Plan:
             overrides += [*PARTIAL_STRATEGIES[partial], *cfg.partial_overrides.get(partial, [])]
             key_names += "/partial_overrides"
         ccfg = _stage_config(FinetuneConfig, finetune_path, overrides, updates, key_names)
+        if name == "multidataset" and ccfg.train.strategy != "mutual":  # mutual: encoder transfer only
+            overrides = [*multidataset_transfer(ccfg.train.warmup_steps), *overrides]  # the user's win
+            ccfg = _stage_config(FinetuneConfig, finetune_path, overrides, updates, key_names)
+            source = variants[key].config.model  # type: ignore[index]
+            if ccfg.model.transfer == "encoder_decoder" and source.name != ccfg.model.name:
+                raise ConfigError(
+                    f"the multidataset strategy transfers the whole network (model.transfer=encoder_decoder), "
+                    f"but its pretraining builds {source.name!r} and the cells {ccfg.model.name!r}: use the same "
+                    "model.name, or train.pretrained_overrides=[model.transfer=encoder] for the encoder only"
+                )
         digest = config_hash(ccfg, (*NEUTRAL_KEYS, "model.init"))
         digest = hashlib.sha256(f"{digest}|{init_key}".encode()).hexdigest()[:10]
-        return Cell(strategy, budget, seed, ccfg, digest, key)
+        return Cell(strategy, budget, seed, ccfg, digest, key, _curve(ccfg, strategy))
+
+    def _curve(ccfg: FinetuneConfig, strategy: str) -> dict[int, float]:
+        """The cell's learning-curve steps, set as its ``train.snapshot_steps``."""
+        cap = step_cap(ccfg)
+        if not cfg.curve_points or ccfg.train.strategy == "mutual":
+            # mutual learning trains two stages of model cohorts, each its own engine run: no one
+            # step count a share could name, so its cells have no curve
+            curve = {}
+        elif cap is None:
+            unknown.add(strategy)
+            curve = {}
+        else:
+            curve = curve_steps(cap, cfg.curve_points)
+        ccfg.train.snapshot_steps = sorted(curve)
+        return curve
+
+    unknown: set[str] = set()
 
     cells: list[Cell] = []
     for strategy in cfg.strategies:
@@ -350,6 +441,12 @@ def make_plan(cfg: BenchmarkConfig) -> Plan:
                         "task_tokens); list one of them, or tell them apart with partial_overrides"
                     )
                 cells.append(cell)
+    if unknown:
+        logger.warning(
+            "curve_points: no learning curve for %s: the fine-tuning config sets neither "
+            "data.samples_per_epoch nor train.max_steps, so the step cap depends on the data",
+            sorted(unknown),
+        )
     return Plan(variants, cells)
 
 

@@ -1,4 +1,4 @@
-"""The benchmark report: ``results.csv``, ``cases.csv``, ``summary.md`` and two plots per axis.
+"""The benchmark report: ``results.csv``, ``cases.csv``, ``curves.csv``, ``summary.md`` and plots per axis.
 
 Written from the finished cells (those with ``DONE.json``) of the current grid, at the end of every
 ``mosmos benchmark`` call, so an interrupted benchmark still reports what it has. The summary is
@@ -6,11 +6,14 @@ generated from the numbers only: case-level means and differences with hierarchi
 intervals, paired tests on case means with Holm's correction, each with what was compared and n.
 The partial-label axis (``partial:<name>`` strategies, ``axis=partial_label`` in the CSVs) gets the
 same table, comparisons (against its first strategy, a Holm family of their own) and plots.
+Learning curves (``curve_points``): every cell's test scores of its snapshots, with its own score as
+the last point, in ``curves.csv`` and ``dice_vs_steps.png``.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -20,13 +23,14 @@ from typing import Any
 import numpy as np
 
 from mosmos.benchmark.config import PARTIAL_PREFIX, PARTIAL_STRATEGIES, BenchmarkConfig, budget_label
-from mosmos.benchmark.plan import DONE_FILE, Plan, axis_of
+from mosmos.benchmark.plan import CURVE_TEST_PREFIX, DONE_FILE, Plan, axis_of, step_cap
 from mosmos.benchmark.stats import (
     MIN_NONZERO_PAIRS,
     BootstrapCI,
     Comparison,
     budget_of,
     compare,
+    curve_means,
     holm,
     organ_means,
     strategy_interval,
@@ -34,9 +38,24 @@ from mosmos.benchmark.stats import (
 from mosmos.errors import DataError
 from mosmos.io import atomic_path, atomic_write_text
 
-__all__ = ["CASE_COLUMNS", "RESULT_COLUMNS", "collect", "organ_rows", "write_report"]
+__all__ = [
+    "CASE_COLUMNS",
+    "CURVE_COLUMNS",
+    "RESULT_COLUMNS",
+    "collect",
+    "collect_curves",
+    "curve_rows",
+    "dodged_positions",
+    "organ_rows",
+    "write_report",
+]
 
 CASE_COLUMNS = ("axis", "strategy", "budget", "fraction", "seed", "dataset", "case", "organ", "dice", "hd95")
+#: One row per cell x learning-curve point: ``weights`` is ``snapshot`` (the weights after ``step``
+#: optimizer steps, ``step_fraction`` of the cell's step cap) or ``best_validation`` (the cell's own
+#: score, ``step_fraction`` 1, ``step`` the steps it trained); ``dice``: mean over test cases of each
+#: case's mean Dice over the organs scored.
+CURVE_COLUMNS = ("axis", "strategy", "budget", "seed", "step", "step_fraction", "weights", "n_cases", "dice")
 RESULT_COLUMNS = (
     "axis",
     "strategy",
@@ -60,7 +79,8 @@ DESCRIPTIONS = {
     "contrastive_only": "stage 1 with the tag terms off (contrastive only)",
     "tags_only": "stage 1 with the contrastive and embedding-tag terms off (tags only)",
     "mosmos+attention": "the mosmos encoder, plus its pixel-tag attention maps fed to the decoder",
-    "multidataset": "supervised stage 2 pretraining on data.other_datasets, its encoder transferred",
+    "multidataset": "supervised stage 2 pretraining on data.other_datasets, encoder and decoder "
+    "transferred, the new head warmed up alone first (MultiTalent)",
     "mosmos+masks": "the mosmos stage 1 with a few labelled scans supervising the attention maps "
     "(data.mask_datasets)",
     "mosmos_variant+masks": "the mosmos_variant stage 1 with a few labelled scans supervising the "
@@ -112,6 +132,74 @@ def collect(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             if scored is None or r["organ"] in scored
         ]
     return cases, records
+
+
+def collect_curves(
+    plan: Plan, cases: list[dict[str, Any]], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per-case test rows of the learning-curve points of the finished cells that have any: each
+    scored snapshot (``test_step_<k>/cases.csv``, ``weights=snapshot``), then the cell's own score
+    (its rows of ``cases``, ``weights=best_validation``, ``step_fraction`` 1)."""
+    from mosmos.finetune.metrics import read_case_csv
+
+    by_cell = {(r["strategy"], budget_of(r), int(r["seed"])): r for r in records}
+    final: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in cases:
+        final.setdefault((row["strategy"], budget_of(row), int(row["seed"])), []).append(row)
+    out: list[dict[str, Any]] = []
+    for cell in plan.cells:
+        record = by_cell.get((cell.strategy, cell.budget, cell.seed))
+        if not cell.done or record is None or not record.get("curve"):
+            continue
+        ident = {"axis": axis_of(cell.strategy), "strategy": cell.strategy, "budget": cell.budget}
+        ident |= {"fraction": cell.fraction, "seed": cell.seed}
+        scored = record.get("target_organs")
+        for point in record["curve"]:
+            path = cell.dir / f"{CURVE_TEST_PREFIX}{point['step']}" / "cases.csv"
+            try:
+                rows = read_case_csv(path)
+            except (OSError, KeyError, ValueError) as exc:
+                raise DataError(f"{path}: a scored learning-curve point that cannot be read: {exc}") from None
+            where = {
+                "step": int(point["step"]),
+                "step_fraction": float(point["fraction"]),
+                "weights": "snapshot",
+            }
+            out += [
+                {**ident, **where, **{k: r[k] for k in ("dataset", "case", "organ", "dice")}}
+                for r in rows
+                if scored is None or r["organ"] in scored
+            ]
+        where = {"step": int(record.get("steps") or 0), "step_fraction": 1.0, "weights": "best_validation"}
+        out += [{**r, **where} for r in final.get((cell.strategy, cell.budget, cell.seed), [])]
+    return out
+
+
+def curve_rows(curve_cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``curves.csv``: one row per cell x curve point (:data:`CURVE_COLUMNS`)."""
+    shares = {
+        (r["strategy"], budget_of(r), int(r["seed"]), int(r["step"]), r["weights"]): r for r in curve_cases
+    }
+    out = []
+    for key, (dice, n) in curve_means(curve_cases).items():
+        strategy, budget, seed, step, weights = key
+        out.append(
+            {
+                "axis": axis_of(strategy),
+                "strategy": strategy,
+                "budget": budget,
+                "seed": seed,
+                "step": step,
+                "step_fraction": shares[key]["step_fraction"],
+                "weights": weights,
+                "n_cases": n,
+                "dice": dice,
+            }
+        )
+    order = {"snapshot": 0, "best_validation": 1}
+    return sorted(
+        out, key=lambda r: (r["axis"], r["strategy"], r["budget"], r["seed"], order[r["weights"]], r["step"])
+    )
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -258,6 +346,27 @@ def _budget_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]
             f"- Mean fine-tuning time per cell (this machine; pretraining not included): {', '.join(parts)}."
         )
     return lines
+
+
+def _curve_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]]) -> list[str]:
+    """The one sentence on the learning curves: which steps were scored, and what the last point is."""
+    if not cfg.curve_points:
+        return []
+    caps = sorted({cap for c in plan.cells if c.curve and (cap := step_cap(c.config)) is not None})
+    steps = sorted({step for c in plan.cells for step in c.curve})
+    scored = sum(bool(r.get("curve")) for r in records)
+    if not steps:
+        return [
+            f"- Learning curves (curve_points={list(cfg.curve_points)}): none, no cell has a step cap known "
+            "from its config (data.samples_per_epoch or train.max_steps) or every cell is mutual learning."
+        ]
+    return [
+        f"- Learning curves: each cell's weights after optimizer step{'s' if len(steps) > 1 else ''} "
+        f"{', '.join(map(str, steps))} "
+        f"(curve_points={list(cfg.curve_points)} of its step cap, {', '.join(map(str, caps))}) are also "
+        f"scored on the test set, as its own score is ({scored} of {len(records)} finished cells have "
+        "them); the last point of each curve is the cell's own score, with its best-validation weights."
+    ]
 
 
 def _preprocess_of(plan: Plan) -> str:
@@ -444,8 +553,9 @@ def write_summary(
     cases: list[dict[str, Any]],
     records: list[dict[str, Any]],
     plots: list[tuple[str, str]],
+    curves: bool = False,
 ) -> str:
-    """The text of ``summary.md``."""
+    """The text of ``summary.md`` (``curves``: ``curves.csv`` was written)."""
     strategies, budgets = list(cfg.strategies), cfg.budgets
     test_cases = sorted({(r["dataset"], r["case"]) for r in cases})
     axes = []
@@ -474,6 +584,7 @@ def write_summary(
         "## Budget",
         "",
         *_budget_lines(cfg, plan, records),
+        *_curve_lines(cfg, plan, records),
         "",
     ]
     if strategies:
@@ -490,6 +601,14 @@ def write_summary(
         "- `results.csv`: one row per cell x organ (mean over test cases), with training time.",
         "- `cases.csv`: one row per cell x test case x organ (the paired tests' input); `axis` is "
         "`initialisation` or `partial_label`.",
+        *(
+            [
+                "- `curves.csv`: one row per cell x learning-curve point (step, share of the step cap, "
+                "`weights` snapshot or best_validation, mean test Dice per case)."
+            ]
+            if curves
+            else []
+        ),
         *(f"- `{name}`: {desc}" for name, desc in plots),
         "- `config.yaml`, `versions.json`: the resolved benchmark config and library versions.",
         "- `runs/<strategy>/<budget>_s<seed>/`: each cell's run (`test/` holds its test scores; "
@@ -507,6 +626,28 @@ def write_summary(
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
+
+
+def dodged_positions(
+    x_of: dict[str, float], strategies: Sequence[str], max_factor: float = 1.06
+) -> dict[tuple[str, str], float]:
+    """Where each strategy's point of each budget goes on a log x axis: the strategies spread
+    symmetrically around the budget's position, a constant factor apart (at most ``max_factor``,
+    less where budgets sit close: one group never spans more than 40 % of the log distance to the
+    next budget), so their interval bars do not overlap and no group runs into its neighbour.
+
+    Returns:
+        ``{(strategy, budget): x}`` for every strategy and budget of ``x_of``.
+    """
+    logs = sorted({math.log(x) for x in x_of.values()})
+    gap = min((b - a for a, b in itertools.pairwise(logs)), default=math.inf)
+    n = len(strategies)
+    step = min(math.log(max_factor), 0.4 * gap / (n - 1)) if n > 1 else 0.0
+    return {
+        (s, b): x * math.exp(step * (i - (n - 1) / 2))
+        for i, s in enumerate(strategies)
+        for b, x in x_of.items()
+    }
 
 
 def plot_dice_vs_budget(
@@ -531,10 +672,10 @@ def plot_dice_vs_budget(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     shown = [s for s in strategies if any((s, b) in table for b in budgets)]
-    for i, s in enumerate(shown):
+    positions = dodged_positions(x_of, shown)
+    for s in shown:
         bs = [b for b in budgets if (s, b) in table]
-        dodge = 1.06 ** (i - (len(shown) - 1) / 2)
-        xs = [x_of[b] * dodge for b in bs]
+        xs = [positions[(s, b)] for b in bs]
         means = np.array([table[(s, b)].estimate for b in bs])
         low = means - np.array([table[(s, b)].low for b in bs])
         high = np.array([table[(s, b)].high for b in bs]) - means
@@ -549,6 +690,67 @@ def plot_dice_vs_budget(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def curve_intervals(
+    curve_cases: list[dict[str, Any]], strategy: str, budget: str
+) -> list[tuple[float, BootstrapCI, str]]:
+    """The learning curve of one strategy at one budget: ``(x, interval, weights)`` per point, in step
+    order: each snapshot step with the case-level mean Dice over seeds and its hierarchical bootstrap
+    interval, then the cells' own scores (best-validation weights) at the mean number of steps trained."""
+    rows = [r for r in curve_cases if r["strategy"] == strategy and budget_of(r) == budget]
+    points = []
+    for step in sorted({int(r["step"]) for r in rows if r["weights"] == "snapshot"}):
+        at = [r for r in rows if r["weights"] == "snapshot" and int(r["step"]) == step]
+        points.append((float(step), strategy_interval(at, strategy, budget), "snapshot"))
+    final = [r for r in rows if r["weights"] == "best_validation"]
+    if final:
+        trained = {int(r["seed"]): int(r["step"]) for r in final}
+        x = float(np.mean(list(trained.values())))
+        points.append((x, strategy_interval(final, strategy, budget), "best_validation"))
+    return [p for p in points if p[1].n_seeds and p[1].n_cases]
+
+
+def plot_dice_vs_steps(
+    curve_cases: list[dict[str, Any]],
+    strategies: Sequence[str],
+    budgets: Sequence[str],
+    path: Path,
+    title: str = "Dice vs optimizer steps",
+) -> None:
+    """Learning curves: mean test Dice per case against optimizer steps, one panel per label budget,
+    one line per strategy with its 95 % hierarchical bootstrap band; the last point of a line (open
+    marker) is the cells' own score, with their best-validation weights."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shown_budgets = [b for b in budgets if any(budget_of(r) == b for r in curve_cases)]
+    fig = Figure(figsize=(4.2 * max(1, len(shown_budgets)) + 1, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(shown_budgets)), sharey=True, squeeze=False)[0]
+    for ax, budget in zip(axes, shown_budgets, strict=False):
+        for i, s in enumerate(strategies):
+            points = curve_intervals(curve_cases, s, budget)
+            if not points:
+                continue
+            color = f"C{i % 10}"
+            xs = np.array([p[0] for p in points])
+            means = np.array([p[1].estimate for p in points])
+            ax.plot(xs, means, marker="o", color=color, label=s)
+            ax.fill_between(
+                xs, [p[1].low for p in points], [p[1].high for p in points], color=color, alpha=0.2
+            )
+            last = points[-1]
+            if last[2] == "best_validation":
+                ax.plot([last[0]], [last[1].estimate], marker="o", markersize=9, mfc="white", color=color)
+        ax.set_title(budget_label(budget), fontsize=9)
+        ax.set_xlabel("optimizer steps")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean test Dice per case (95 % CI)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title} (open marker: best-validation weights)", fontsize=10)
     _save(fig, path)
 
 
@@ -589,6 +791,9 @@ def write_report(cfg: BenchmarkConfig, plan: Plan) -> Path:
     cases, records = collect(plan)
     _write_csv(out / "cases.csv", cases, CASE_COLUMNS)
     _write_csv(out / "results.csv", organ_rows(cases, records), RESULT_COLUMNS)
+    curve_cases = collect_curves(plan, cases, records)
+    if curve_cases:
+        _write_csv(out / "curves.csv", curve_rows(curve_cases), CURVE_COLUMNS)
     plots: list[tuple[str, str]] = []
     partial = [f"{PARTIAL_PREFIX}{n}" for n in cfg.partial_strategies]
     axes = (  # axis, its strategies, file prefix, title prefix, what a line or bar is
@@ -613,6 +818,19 @@ def write_report(cfg: BenchmarkConfig, plan: Plan) -> Path:
                 "the target (95 % CIs).",
             )
         )
+        axis_curves = [r for r in curve_cases if r["axis"] == axis]
+        if axis_curves:
+            name = f"{prefix}dice_vs_steps.png"
+            plot_dice_vs_steps(
+                axis_curves, strategies, budgets, out / name, f"{title}Dice vs optimizer steps"
+            )
+            plots.append(
+                (
+                    name,
+                    f"learning curves: mean test Dice per case of each {noun} against optimizer steps, one "
+                    "panel per label budget (95 % CIs; the last point is the cells' best-validation weights).",
+                )
+            )
         done = {budget_of(r) for r in rows}
         lowest = next(b for b in budgets if b in done)
         name = f"{prefix}organ_dice_{lowest}.png"
@@ -625,5 +843,5 @@ def write_report(cfg: BenchmarkConfig, plan: Plan) -> Path:
             )
         )
     summary = out / "summary.md"
-    atomic_write_text(summary, write_summary(cfg, plan, cases, records, plots))
+    atomic_write_text(summary, write_summary(cfg, plan, cases, records, plots, bool(curve_cases)))
     return summary

@@ -5,9 +5,10 @@ cases, seeded by ``seed``, its encoder initialised by ``strategy`` (see :mod:`mo
 the best weights by validation Dice are then scored on the labelled ``data.test`` (only the organs the
 target labels). A cell of the partial-label axis (``partial_strategies``) trains one model on the
 target (at the budget) and the whole ``data.other_datasets`` with one partial-label strategy, from
-``partial_init``, and is scored the same way: the target's task, the target's organs. Every cell
-trains the same fixed budget (``train.epochs`` of the fine-tuning config): there is no early
-stopping, and the summary says so.
+``partial_init``, and is scored the same way: the target's task, the target's organs. A cell trains
+the fine-tuning config's budget (``train.epochs`` / ``train.max_steps``), or stops earlier after
+``train.early_stopping_patience`` validations without a better mean Dice; the summary says which.
+Snapshots at ``curve_points`` of the budget are scored too (the learning curves).
 
 Pretraining variants and cells are planned first (:mod:`mosmos.benchmark.plan`). Every run resumes
 (``train.resume=latest``), so a second call skips finished work and continues unfinished work. The
@@ -26,9 +27,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mosmos.benchmark.config import BenchmarkConfig
-from mosmos.benchmark.plan import CELL_FILE, DONE_FILE, Cell, Variant, check_stale, make_plan
+from mosmos.benchmark.plan import (
+    CELL_FILE,
+    CURVE_TEST_PREFIX,
+    DONE_FILE,
+    Cell,
+    Variant,
+    check_stale,
+    make_plan,
+    step_cap,
+)
 from mosmos.benchmark.report import write_report
 from mosmos.config import dump_config, load_config
+from mosmos.engine.checkpoints import list_snapshots
 from mosmos.errors import MosmosError
 from mosmos.export import Preprocessing, write_encoder_export
 from mosmos.finetune.evaluate import evaluate_run
@@ -92,8 +103,12 @@ def _last_record(run_dir: Path) -> dict:
 def train_and_evaluate(cell: Cell, cfg: BenchmarkConfig) -> dict:
     """Train one cell (resuming), score its best-validation weights on ``data.test``.
 
+    Each learning-curve snapshot the training wrote (``cell.curve``) is scored the same way into
+    ``test_step_<step>/``.
+
     Returns:
-        What ``DONE.json`` records besides the cell's identity: timing, steps, best epoch.
+        What ``DONE.json`` records besides the cell's identity: timing, steps, best epoch, the
+        scored curve points.
 
     Raises:
         KeyboardInterrupt: when the training was interrupted (it saved a checkpoint to resume from).
@@ -109,15 +124,29 @@ def train_and_evaluate(cell: Cell, cfg: BenchmarkConfig) -> dict:
     # the plan lists the target first in data.datasets, so its task is the first; a partial-label
     # model is asked for the target's task (its task token, where the network has them)
     target = read_spec(cell.dir).tasks[0]
-    evaluate_run(
-        cell.dir,
-        cfg.data.test,
-        cell.dir / "test",
-        task=target["name"] if cell.axis == "partial_label" else None,
-        device=cfg.eval.device,
-        overlap=cfg.eval.overlap,
-        sw_batch_size=cfg.eval.sw_batch_size,
-    )
+
+    def score(model_dir: Path, out: Path) -> None:
+        evaluate_run(
+            model_dir,
+            cfg.data.test,
+            out,
+            task=target["name"] if cell.axis == "partial_label" else None,
+            device=cfg.eval.device,
+            overlap=cfg.eval.overlap,
+            sw_batch_size=cfg.eval.sw_batch_size,
+        )
+
+    score(cell.dir, cell.dir / "test")
+    # the learning curve: each snapshot the training wrote, scored the same way (a step the run never
+    # reached, or a cell trained before it had curve points, has none)
+    snapshots = list_snapshots(cell.dir)
+    curve = []
+    for step, share in cell.curve.items():
+        out = cell.dir / f"{CURVE_TEST_PREFIX}{step}"
+        if step in snapshots:
+            if not (out / "cases.csv").is_file():  # scored before the benchmark was interrupted
+                score(snapshots[step], out)
+            curve.append({"step": step, "fraction": share})
     last = _last_record(cell.dir)
     best_json = json.loads((cell.dir / BEST_FILE).read_text(encoding="utf-8"))
     split_path = cell.dir / SPLIT_FILE  # mutual learning writes none
@@ -132,6 +161,8 @@ def train_and_evaluate(cell: Cell, cfg: BenchmarkConfig) -> dict:
         "steps": last.get("step"),
         "best_epoch": best_json.get("epoch"),
         "best_val_mean_dice": best_json.get("mean_dice"),
+        "step_cap": step_cap(cell.config),
+        "curve": curve,  # the scored learning-curve points, each in test_step_<step>/
     }
 
 

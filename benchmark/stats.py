@@ -40,6 +40,7 @@ __all__ = [
     "case_matrix",
     "case_means",
     "compare",
+    "curve_means",
     "hierarchical_bootstrap",
     "holm",
     "organ_means",
@@ -168,6 +169,24 @@ def case_means(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, int], dic
         values = {c: float(np.nanmean(v)) for c, v in cases.items() if not np.all(np.isnan(v))}
         out[cell] = dict(sorted(values.items()))
     return out
+
+
+def curve_means(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, int, int, str], tuple[float, int]]:
+    """Learning curves: per cell and curve point (strategy, budget, seed, step, weights), the mean over
+    test cases of each case's mean Dice (:func:`case_means`) and the number of cases. A row carries
+    ``step`` and ``weights`` (``snapshot``, or ``best_validation`` for the cell's own score)."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((int(row["step"]), str(row["weights"])), []).append(row)
+    out: dict[tuple[str, str, int, int, str], tuple[float, int]] = {}
+    for (step, weights), group in groups.items():
+        for (strategy, budget, seed), cases in case_means(group).items():
+            if cases:
+                out[(strategy, budget, seed, step, weights)] = (
+                    float(np.mean(list(cases.values()))),
+                    len(cases),
+                )
+    return dict(sorted(out.items()))
 
 
 def case_matrix(

@@ -90,6 +90,14 @@ class FinetuneModel:
     decoder_kwargs: dict = field(default_factory=dict)  # network-specific decoder arguments
     # MOSMOS transfer: feed the stage 1 pixel-tag attention maps to the decoder as extra channels
     attention_maps: bool = False
+    # what model.init transfers: "encoder" (a stage 1 export, or a stage 2 run's encoder export), or
+    # "encoder_decoder" (a stage 2 run directory: the whole network but its output head and task
+    # tokens, which start fresh; MultiTalent's transfer, pair it with train.head_warmup_steps)
+    transfer: Literal["encoder", "encoder_decoder"] = "encoder"
+    # "organ": one output channel per vocabulary organ; "dataset_class": one sigmoid channel per
+    # (dataset, organ it labels), merged into organs at evaluation and prediction (MultiTalent; needs
+    # train.strategy=multitalent; see docs/stage2-finetune.md)
+    output_channels: Literal["organ", "dataset_class"] = "organ"
 
 
 @dataclass
@@ -136,6 +144,9 @@ class FinetuneTrain(TrainConfig):
     dice_weight: float = 1.0  # weight of the soft Dice term
     encoder_lr_scale: float = 1.0  # learning rate of the encoder (and attention head) relative to train.lr
     freeze_encoder_steps: int = 0  # keep the encoder fixed for the first N optimizer steps
+    # MultiTalent's head warm-up: for the first N optimizer steps only the parameters model.init did
+    # not transfer (with model.transfer=encoder_decoder: the output head and task tokens) train
+    head_warmup_steps: int = 0
     # multitalent only: pool the Dice sums of each channel over the batch (nnU-Net's batch Dice)
     batch_dice: bool = True
     # nnU-Net's deep supervision: the loss also on the decoder's coarser outputs, weighted 1/2^k
@@ -151,6 +162,8 @@ class FinetuneTrain(TrainConfig):
             raise ConfigError(f"train.encoder_lr_scale={self.encoder_lr_scale} must be >= 0")
         if self.freeze_encoder_steps < 0:
             raise ConfigError(f"train.freeze_encoder_steps={self.freeze_encoder_steps} must be >= 0")
+        if self.head_warmup_steps < 0:
+            raise ConfigError(f"train.head_warmup_steps={self.head_warmup_steps} must be >= 0")
 
 
 @dataclass
@@ -201,6 +214,25 @@ class FinetuneConfig:
             raise ConfigError(
                 f"train.deep_supervision=true needs model.name in {list(DEEP_SUPERVISED)} and a strategy "
                 f"other than mutual (got model.name={self.model.name}, train.strategy={self.train.strategy})"
+            )
+        if self.model.output_channels == "dataset_class" and self.train.strategy != "multitalent":
+            raise ConfigError(
+                "model.output_channels=dataset_class needs train.strategy=multitalent (its loss sums over "
+                f"each case's valid channels); got train.strategy={self.train.strategy}"
+            )
+        if self.train.strategy == "mutual" and (
+            self.model.transfer != "encoder"
+            or self.train.head_warmup_steps
+            or self.model.output_channels != "organ"
+        ):
+            raise ConfigError(
+                "train.strategy=mutual builds its own model cohorts: it supports model.transfer=encoder, "
+                "train.head_warmup_steps=0 and model.output_channels=organ only"
+            )
+        if self.model.transfer == "encoder_decoder" and self.model.init == "random":
+            raise ConfigError(
+                "model.transfer=encoder_decoder needs a stage 2 run directory in model.init (the network "
+                "to transfer); with init=random there is nothing to transfer"
             )
         if self.model.attention_maps and self.model.init == "random":
             raise ConfigError(

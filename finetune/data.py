@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mosmos.errors import ConfigError, DataError
+from mosmos.finetune.channels import channel_lut, dataset_class_channels, valid_channels
 from mosmos.finetune.config import FinetuneConfig
 from mosmos.segdata.dataset import SegDataset, read_seg_dataset, seg_dataset_name
 from mosmos.segdata.layouts import SegCase
@@ -50,16 +51,33 @@ class TaskInfo:
     name: str
     organs: list[str]  # canonical organs it labels, in output-channel order
     labelled: list[bool]  # per output channel
-    lut: np.ndarray  # dataset label id -> 1 + output channel (0: background / ignored)
+    lut: np.ndarray  # dataset label id -> 1 + output organ index (0: background / ignored)
     dataset: SegDataset
+    # model.output_channels=dataset_class: label id -> 1 + network channel, and the valid channels
+    # (this dataset's own); None: the organ layout, where channels are the organs (lut, labelled)
+    channel_lut: np.ndarray | None = None
+    channel_labelled: list[bool] | None = None
+
+    @property
+    def target_lut(self) -> np.ndarray:
+        """Label id -> 1 + network output channel: what training targets use."""
+        return self.lut if self.channel_lut is None else self.channel_lut
+
+    @property
+    def target_labelled(self) -> list[bool]:
+        """Per network output channel: whether this dataset's cases have a target for it."""
+        return self.labelled if self.channel_labelled is None else self.channel_labelled
 
 
 @dataclass
 class SegData:
     """The datasets of a run, split into training and validation cases."""
 
-    organs: list[str]  # output channels: every organ some dataset labels, in vocabulary order
+    organs: list[str]  # output organs: every organ some dataset labels, in vocabulary order
     tasks: list[TaskInfo]
+    # the network's channels as (task index, organ) with model.output_channels=dataset_class (see
+    # mosmos.finetune.channels); None: one channel per organ of ``organs``
+    channels: list[tuple[int, str]] | None = None
     train: list[tuple[SegCase, int]] = field(default_factory=list)  # (case, task index)
     val: list[tuple[SegCase, int]] = field(default_factory=list)
     preprocess: PreprocessConfig | None = None
@@ -88,11 +106,15 @@ def resolve_preprocess(cfg: FinetuneConfig, encoder_json: dict | None) -> Prepro
 
 def load_preprocess(cfg: FinetuneConfig) -> PreprocessConfig:
     """The run's preprocessing (:func:`resolve_preprocess`), reading the stage 1 export ``model.init``
-    names, if any."""
+    names, if any (with ``model.transfer=encoder_decoder``, the stage 2 run's ``model.json``)."""
     from mosmos.export import read_encoder_export
 
     encoder_json = None
-    if cfg.model.init != "random":
+    if cfg.model.init != "random" and cfg.model.transfer == "encoder_decoder":
+        from mosmos.finetune.pretrained import read_network_source
+
+        encoder_json = {"preprocess": read_network_source(cfg.model.init)[0].preprocess}
+    elif cfg.model.init != "random":
         encoder_json = read_encoder_export(cfg.model.init)[0].to_dict()
     return resolve_preprocess(cfg, encoder_json)
 
@@ -174,9 +196,15 @@ def build_seg_data(cfg: FinetuneConfig, vocab: Vocabulary) -> SegData:
     if not organs:
         raise ConfigError("no dataset in data.datasets labels any vocabulary organ")
     data = SegData(organs=organs, tasks=[])
+    if cfg.model.output_channels == "dataset_class":
+        data.channels = dataset_class_channels([ds.organs for ds in datasets], organs)
     for ti, ds in enumerate(datasets):
         labelled = [o in ds.organs for o in organs]
-        data.tasks.append(TaskInfo(ti, ds.name, list(ds.organs), labelled, ds.lookup_table(organs), ds))
+        task = TaskInfo(ti, ds.name, list(ds.organs), labelled, ds.lookup_table(organs), ds)
+        if data.channels is not None:
+            task.channel_lut = channel_lut(task.lut, ti, data.channels, organs)
+            task.channel_labelled = valid_channels(ti, data.channels)
+        data.tasks.append(task)
         cases = [c for c in ds.train if c.label is not None]
         subsetted = subset is None or ds.name in subset or paths[ti] in subset
         # salted by the dataset's name, not its position: a dataset splits the same way alone or in
@@ -258,7 +286,8 @@ class PatchDataset(Dataset):
 
     Items: ``image`` ``[1, *patch]`` float in [0, 1], ``body_mask`` ``[1, *patch]``, ``label``
     ``[1, *patch]`` int64 (0 background, k = output channel k-1; organs the case's dataset does not
-    label are 0), ``labelled`` bool ``[C]`` and ``task`` (int).
+    label are 0), ``labelled`` bool ``[C]`` (the valid channels) and ``task`` (int). Channels are
+    the network's (:attr:`TaskInfo.target_lut`): organs, or with ``dataset_class`` (dataset, organ).
     """
 
     def __init__(
@@ -303,7 +332,7 @@ class PatchDataset(Dataset):
         image = torch.as_tensor(item["image"]).float()
         body = torch.as_tensor(item[BODY_MASK_KEY])
         raw = torch.as_tensor(item["label"]).long()
-        lut = torch.as_tensor(task.lut, dtype=torch.long)
+        lut = torch.as_tensor(task.target_lut, dtype=torch.long)
         if int(raw.max()) >= len(lut) or int(raw.min()) < 0:
             raise DataError(
                 f"case {self.case_ids[case]}: label id {int(raw.max())} is not declared in dataset {task.name}'s labels"
@@ -312,7 +341,7 @@ class PatchDataset(Dataset):
         centre = None
         if rng.random() < self.foreground_fraction:
             # organs only: a pseudo-labelled map's ignore value (C + 1, train.strategy=mutual) is not one
-            present = [int(k) for k in torch.unique(label) if 0 < k <= len(task.labelled)]
+            present = [int(k) for k in torch.unique(label) if 0 < k <= len(task.target_labelled)]
             if present:
                 organ = present[int(rng.integers(len(present)))]
                 voxels = torch.nonzero(label[0] == organ)
@@ -327,7 +356,7 @@ class PatchDataset(Dataset):
             "image": torch.as_tensor(out["image"]).float(),
             BODY_MASK_KEY: torch.as_tensor(out[BODY_MASK_KEY]).float(),
             "label": torch.as_tensor(out["label"]).long(),
-            "labelled": torch.tensor(task.labelled, dtype=torch.bool),
+            "labelled": torch.tensor(task.target_labelled, dtype=torch.bool),
             "task": torch.tensor(task.index, dtype=torch.long),
         }
 

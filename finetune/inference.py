@@ -2,7 +2,9 @@
 
 A stage 2 run directory holds ``model.safetensors`` (the best weights by mean validation Dice) and
 ``model.json``: the network, its encoder and attention head configs, the output organs, the tasks
-with the organs each labels, the loss strategy and the preprocessing. :func:`load_model` rebuilds
+with the organs each labels, the loss strategy, the preprocessing and the output-channel layout
+(``output_channels``: ``organ``, or ``dataset_class`` with its ``channels``, see
+:mod:`mosmos.finetune.channels`; a model.json without it is ``organ``). :func:`load_model` rebuilds
 the network from the registry and loads the weights (safetensors only, no pickle).
 
 Inference runs the preprocessing chain (RAS, spacing, HU window, body crop, pad), a sliding window
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from mosmos.errors import ConfigError, DataError, root_cause
+from mosmos.finetune.channels import OUTPUT_CHANNELS, merge_channels
 from mosmos.io import atomic_path, atomic_write_bytes, write_json
 from mosmos.transforms import BODY_MASK_KEY, PreprocessConfig, build_preprocess
 
@@ -51,10 +54,42 @@ class ModelSpec:
     strategy: str
     preprocess: dict
     extra: dict
+    # "organ" (one channel per organ) or "dataset_class" (one per (task, organ): ``channels``);
+    # model.json files from before the option hold neither key and read as "organ"
+    output_channels: str = "organ"
+    channels: list[dict] | None = None  # dataset_class: [{"task": name, "organ": organ}] per channel
+
+    def __post_init__(self) -> None:
+        if self.output_channels not in OUTPUT_CHANNELS:
+            raise ValueError(
+                f"output_channels={self.output_channels!r} is not one of {list(OUTPUT_CHANNELS)}"
+            )
+        if (self.output_channels == "dataset_class") != (self.channels is not None):
+            raise ValueError("'channels' is required with output_channels=dataset_class, and only then")
+        if self.channels is not None:
+            names = self.task_names
+            bad = [
+                c for c in self.channels if c.get("task") not in names or c.get("organ") not in self.organs
+            ]
+            if bad:
+                raise ValueError(f"channels {bad[:3]} name a task or organ the model does not have")
 
     @property
     def task_names(self) -> list[str]:
         return [t["name"] for t in self.tasks]
+
+    @property
+    def channel_pairs(self) -> list[tuple[int, str]] | None:
+        """The ``dataset_class`` layout as ``(task index, organ)`` per channel; None for ``organ``."""
+        if self.channels is None:
+            return None
+        names = self.task_names
+        return [(names.index(c["task"]), c["organ"]) for c in self.channels]
+
+    @property
+    def num_outputs(self) -> int:
+        """The network's output channels."""
+        return len(self.organs) if self.channels is None else len(self.channels)
 
     def to_dict(self) -> dict:
         return {
@@ -69,6 +104,8 @@ class ModelSpec:
             "organ_task": self.organ_task,
             "strategy": self.strategy,
             "preprocess": self.preprocess,
+            "output_channels": self.output_channels,
+            **({"channels": self.channels} if self.channels is not None else {}),
             **self.extra,
         }
 
@@ -77,13 +114,18 @@ class ModelSpec:
         if d.get("format") != MODEL_FORMAT:
             raise ConfigError(f"{source}: not a mosmos segmentation model (format {d.get('format')!r})")
         known = {"format", *cls.__dataclass_fields__} - {"extra"}
+        optional = ("output_channels", "channels")  # later additions, with defaults
+        required = [k for k in cls.__dataclass_fields__ if k not in ("extra", *optional)]
         try:
             return cls(
-                **{k: d[k] for k in cls.__dataclass_fields__ if k != "extra"},
+                **{k: d[k] for k in required},
+                **{k: d[k] for k in optional if k in d},
                 extra={k: v for k, v in d.items() if k not in known},
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing field {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def task_index(self, task: str | None) -> int | None:
         """Index of a task by name (``None`` stays ``None``); an unknown name lists the valid ones."""
@@ -102,7 +144,7 @@ def build_from_spec(spec: ModelSpec) -> torch.nn.Module:
 
     encoder = create_image_encoder(spec.encoder, **spec.encoder_kwargs)
     head = TagAttentionHead.from_config(spec.attention_head) if spec.attention_head else None
-    decoder = {**spec.decoder, "num_classes": len(spec.organs), "num_tasks": len(spec.tasks)}
+    decoder = {**spec.decoder, "num_classes": spec.num_outputs, "num_tasks": len(spec.tasks)}
     return create_model("segmenter", spec.name, encoder=encoder, attention_head=head, **decoder)
 
 
@@ -226,10 +268,16 @@ class Predictor:
         self.task_conditioned = bool(getattr(model, "task_conditioned", len(spec.tasks) > 1))
 
     def _plan(self, task: int | None) -> dict[int | None, list[int]]:
-        """Which forward passes to run: task -> output channels taken from it."""
+        """Which forward passes to run: task -> network output channels taken from it. With
+        ``dataset_class`` channels and no task, each task's channels come from its own pass."""
         if task is not None or not self.task_conditioned:
-            return {task: list(range(len(self.spec.organs)))}
+            return {task: list(range(self.spec.num_outputs))}
         plan: dict[int | None, list[int]] = {}
+        pairs = self.spec.channel_pairs
+        if pairs is not None:
+            for k, (t, _) in enumerate(pairs):
+                plan.setdefault(t, []).append(k)
+            return plan
         for c, organ in enumerate(self.spec.organs):
             plan.setdefault(int(self.spec.organ_task[organ]), []).append(c)
         return plan
@@ -253,10 +301,12 @@ class Predictor:
 
     def window_probabilities(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Per-organ probabilities ``[C, *S]`` (on the CPU) of the preprocessed input ``x``: the
-        sliding window's blended logits of each pass, each organ's probability from its pass."""
+        sliding window's blended logits of each pass, each channel's probability from its pass;
+        ``dataset_class`` channels then merged into organs
+        (:func:`~mosmos.finetune.channels.merge_channels`, ``task``'s own channels first)."""
         from monai.inferers import sliding_window_inference
 
-        out = torch.zeros((len(self.spec.organs), *x.shape[2:]), dtype=torch.float32, device=self.device)
+        out = torch.zeros((self.spec.num_outputs, *x.shape[2:]), dtype=torch.float32, device=self.device)
         with torch.no_grad():
             for t, channels in self._plan(task).items():
                 tid = None if t is None else torch.tensor([t], device=self.device)
@@ -275,6 +325,9 @@ class Predictor:
                 )
                 probs = organ_probabilities(torch.as_tensor(logits).float(), self.spec.strategy)[0]
                 out[channels] = probs[channels]
+        pairs = self.spec.channel_pairs
+        if pairs is not None:
+            out = merge_channels(out, pairs, self.spec.organs, task)
         return out.cpu()  # one copy from the device, after every pass
 
     def invert(self, image: Any, probs: torch.Tensor) -> torch.Tensor:

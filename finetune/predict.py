@@ -215,7 +215,8 @@ def predict(
         model_dir: a stage 2 run directory or its export.
         input_path: a NIfTI volume or a folder of them.
         output: the folder for label maps, ``dataset.json``, ``labels.json`` and probabilities.
-        task: condition every organ on this task (default: per organ, a task that labels it).
+        task: condition every organ on this task (default: per organ, a task that labels it); a
+            ``dataset_class`` model takes the organs that task labels from its own channels.
         probabilities: also write ``<case>.npz`` (float16 probabilities of the written organs).
         device: ``cpu``, ``cuda``, ``cuda:N`` (default: cuda when available).
         overlap, sw_batch_size: sliding-window overlap and windows per forward pass.
@@ -317,7 +318,9 @@ def add_inference_arguments(
         "-m", "--model", required=model_required, help="stage 2 run directory (or its `mosmos export`)"
     )
     parser.add_argument(
-        "--task", help="condition every organ on this task (default: per organ, a task that labels it)"
+        "--task",
+        help="condition every organ on this task (default: per organ, a task that labels it); a "
+        "dataset_class model takes the organs that task labels from its own channels",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1)")

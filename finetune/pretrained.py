@@ -5,6 +5,13 @@ The export itself (``encoder.safetensors`` + ``encoder.json``) is read by :mod:`
 is stage 2's here is fitting it into a segmenter whose encoder may differ, and saying which keys
 were loaded, missing or skipped.
 
+``transfer="encoder_decoder"`` (``model.transfer``) is MultiTalent's transfer (Ulrich et al., MICCAI
+2023, arXiv:2303.14444): ``init`` is a stage 2 run directory and the whole network of the same
+architecture is carried over, encoder and decoder, but for the parts tied to the source's output
+channels and tasks (the output head(s) and task tokens,
+:meth:`~mosmos.models.segmentation.SegmenterBase.is_task_specific`), which start fresh and are
+warmed up alone first (``train.head_warmup_steps``).
+
 Example::
 
     model, report = build_segmenter("unet", num_classes=11, num_tasks=3, init="runs/pretrain",
@@ -25,7 +32,18 @@ from torch import nn
 from mosmos.errors import ConfigError
 from mosmos.export import PREFIXES, EncoderExport, build_tag_head, export_paths, read_encoder_export
 
-__all__ = ["DEFAULT_ENCODERS", "LoadReport", "build_segmenter", "load_encoder_weights"]
+__all__ = [
+    "DEFAULT_ENCODERS",
+    "TRANSFERS",
+    "LoadReport",
+    "build_segmenter",
+    "load_encoder_weights",
+    "load_network_weights",
+    "read_network_source",
+]
+
+#: What ``model.init`` transfers (``model.transfer``).
+TRANSFERS = ("encoder", "encoder_decoder")
 
 #: Encoder built for each segmenter when ``init="random"`` and no ``encoder`` is named.
 DEFAULT_ENCODERS = {
@@ -50,17 +68,22 @@ class LoadReport:
         missing: model keys (``encoder.*``, and ``attention_head.*`` with attention maps) that the
             file does not have; they keep their initial values.
         skipped: file keys not used (e.g. ``tag_attention.*`` when attention maps are off).
+        filled: model keys (parameters and buffers) whose values came from the file; every other
+            parameter is new (what ``train.head_warmup_steps`` trains alone first).
+        what: what was transferred, for :meth:`format`.
     """
 
     source: Path
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)
+    what: str = "stage 1 weights"
 
     def format(self, max_keys: int = 5) -> str:
         """A short report: counts, and up to ``max_keys`` names per non-empty list."""
         lines = [
-            f"loaded stage 1 weights from {self.source}: {len(self.loaded)} loaded, "
+            f"loaded {self.what} from {self.source}: {len(self.loaded)} loaded, "
             f"{len(self.missing)} missing, {len(self.skipped)} skipped"
         ]
         for label, keys in (("missing", self.missing), ("skipped", self.skipped), ("loaded", self.loaded)):
@@ -108,6 +131,7 @@ def load_encoder_weights(
             continue
         selected[target][sub] = tensors[key]
         report.loaded.append(key)
+        report.filled.append(f"{target}.{sub}")
     if mismatched:
         raise ConfigError(
             f"stage 1 weights in {source} do not fit the model ({len(mismatched)} shape mismatches):\n"
@@ -125,6 +149,75 @@ def load_encoder_weights(
     return report
 
 
+def read_network_source(run_dir: str | Path) -> tuple[Any, dict[str, torch.Tensor], Path]:
+    """A stage 2 run's ``model.json`` (:class:`~mosmos.finetune.inference.ModelSpec`), its weights and
+    the weights' path: the source of a ``model.transfer=encoder_decoder`` initialisation.
+
+    Raises:
+        ConfigError: ``run_dir`` is not a stage 2 run directory with both files, or they are unreadable.
+    """
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from mosmos.finetune.inference import MODEL_FILE, SPEC_FILE, ModelSpec
+
+    path = Path(run_dir)
+    if path.is_file():
+        path = path.parent
+    weights, spec_path = path / MODEL_FILE, path / SPEC_FILE
+    if not (weights.is_file() and spec_path.is_file()):
+        raise ConfigError(
+            f"model.init={run_dir} with model.transfer=encoder_decoder: no {MODEL_FILE} + {SPEC_FILE} there; "
+            "the whole-network transfer needs a stage 2 run directory (a stage 1 export has no decoder: "
+            "use model.transfer=encoder)"
+        )
+    try:
+        spec = ModelSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")), str(spec_path))
+        tensors = load_file(str(weights))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
+        raise ConfigError(f"cannot read the stage 2 run {path}: {err}") from None
+    return spec, tensors, weights
+
+
+def load_network_weights(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str | Path
+) -> LoadReport:
+    """Copy a same-architecture network's weights into ``model``: every parameter and buffer but the
+    task-specific ones (output head(s), task tokens), which keep their fresh initialisation.
+
+    Raises:
+        ConfigError: listing every non-task-specific key the file lacks or holds with another shape
+            (the networks differ).
+    """
+    report = LoadReport(source=Path(source), what="the network (encoder and decoder)")
+    expected = model.state_dict()
+    selected: dict[str, torch.Tensor] = {}
+    problems = []
+    for key, value in expected.items():
+        if model.is_task_specific(key):
+            report.missing.append(key)
+        elif key not in tensors:
+            problems.append(f"  {key}: not in the file")
+        elif tuple(tensors[key].shape) != tuple(value.shape):
+            problems.append(f"  {key}: file {list(tensors[key].shape)} vs model {list(value.shape)}")
+        else:
+            selected[key] = tensors[key]
+    if problems:
+        raise ConfigError(
+            f"model.transfer=encoder_decoder: the network in {source} is not this one's architecture "
+            f"({len(problems)} problems):\n"
+            + "\n".join(problems[:10])
+            + "\nUse the same model.name, encoder and decoder settings as that run, or model.transfer=encoder."
+        )
+    model.load_state_dict(selected, strict=False)
+    report.loaded = sorted(selected)
+    report.filled = sorted(selected)
+    report.skipped = sorted(k for k in tensors if k not in selected)
+    return report
+
+
 def build_segmenter(
     name: str,
     num_classes: int,
@@ -135,6 +228,7 @@ def build_segmenter(
     use_attention_maps: bool = False,
     decoder_kwargs: dict[str, Any] | None = None,
     img_size: list[int] | tuple[int, ...] | int | None = None,
+    transfer: str = "encoder",
 ) -> tuple[nn.Module, LoadReport | None]:
     """Build a registered segmenter, from scratch or around a stage 1 encoder.
 
@@ -153,6 +247,10 @@ def build_segmenter(
         decoder_kwargs: extra segmenter constructor kwargs.
         img_size: input size for encoders fixed at construction (``vit3d`` / ``vit2d``) when
             ``encoder_kwargs`` has no ``img_size``; ignored for other encoders.
+        transfer: ``"encoder"`` (the export's encoder, and tag head with attention maps) or
+            ``"encoder_decoder"`` (``init`` is a stage 2 run of the same architecture: everything but
+            the output head(s) and task tokens; the encoder, tag head and decoder settings default
+            to that run's, ``encoder``, ``encoder_kwargs`` and ``decoder_kwargs`` win).
 
     Returns:
         ``(model, report)``; ``report`` is None with ``init="random"``.
@@ -166,7 +264,15 @@ def build_segmenter(
     segmenters = list_models("segmenter")
     if name not in segmenters:
         raise ConfigError(f"unknown segmenter {name!r}; valid names: {segmenters}")
+    if transfer not in TRANSFERS:
+        raise ConfigError(f"model.transfer={transfer!r} is not one of {list(TRANSFERS)}")
     random_init = init is None or str(init) == "random"
+    if transfer == "encoder_decoder":
+        if random_init:
+            raise ConfigError("model.transfer=encoder_decoder needs a stage 2 run directory in model.init")
+        return _build_from_network(
+            name, num_classes, num_tasks, init, encoder, encoder_kwargs, use_attention_maps, decoder_kwargs
+        )
     meta: EncoderExport | None = None
     tensors: dict[str, torch.Tensor] = {}
     if random_init:
@@ -215,3 +321,59 @@ def build_segmenter(
     if random_init:
         return model, None
     return model, load_encoder_weights(model, tensors, export_paths(init)[1], use_attention_maps)
+
+
+def _build_from_network(
+    name: str,
+    num_classes: int,
+    num_tasks: int,
+    init: str | Path,
+    encoder: str | None,
+    encoder_kwargs: dict[str, Any] | None,
+    use_attention_maps: bool,
+    decoder_kwargs: dict[str, Any] | None,
+) -> tuple[nn.Module, LoadReport]:
+    """:func:`build_segmenter` with ``transfer="encoder_decoder"``: the source run's network with
+    this run's output channels and tasks, its weights but the task-specific ones loaded."""
+    from mosmos.models.registry import create_image_encoder, create_model
+    from mosmos.models.tag_head import TagAttentionHead
+
+    spec, tensors, weights = read_network_source(init)
+    if spec.name != name:
+        raise ConfigError(
+            f"model.transfer=encoder_decoder: {init} is a {spec.name!r} network, this run builds {name!r}; "
+            "the decoder transfers only between the same networks (or use model.transfer=encoder)"
+        )
+    if use_attention_maps != (spec.attention_head is not None):
+        raise ConfigError(
+            f"model.transfer=encoder_decoder: model.attention_maps={str(use_attention_maps).lower()} but the "
+            f"run in {init} was trained {'with' if spec.attention_head else 'without'} attention maps"
+        )
+    arch = encoder or spec.encoder
+    if encoder_kwargs is not None:
+        kwargs = dict(encoder_kwargs)
+    else:
+        kwargs = dict(spec.encoder_kwargs) if arch == spec.encoder else {}
+    try:
+        image_encoder = create_image_encoder(arch, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cannot build image encoder {arch!r} with {kwargs}: {err}") from err
+    head = TagAttentionHead.from_config(spec.attention_head) if spec.attention_head else None
+    # the source's decoder settings, this run's decoder_kwargs on top (deep supervision is this run's:
+    # its heads are task-specific and start fresh either way)
+    inherited = {
+        k: v for k, v in spec.decoder.items() if k not in ("num_classes", "num_tasks", "deep_supervision")
+    }
+    try:
+        model = create_model(
+            "segmenter",
+            name,
+            encoder=image_encoder,
+            num_classes=num_classes,
+            num_tasks=num_tasks,
+            attention_head=head,
+            **{**inherited, **(decoder_kwargs or {})},
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cannot build segmenter {name!r}: {err}") from err
+    return model, load_network_weights(model, tensors, weights)

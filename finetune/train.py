@@ -51,6 +51,32 @@ def overlay_cases(val: list, count: int, max_cases: int | None = None) -> set[tu
     return {(ti, case.case_id) for ti, case in chosen}
 
 
+def freeze_schedule(
+    model: torch.nn.Module, freeze_encoder_steps: int, head_warmup_steps: int, transferred: list[str] | None
+) -> dict[str, int]:
+    """The engine's ``freeze_steps`` (parameter-name prefix -> initial optimizer steps at learning
+    rate 0; the last matching prefix wins): the encoder (and attention head) for
+    ``freeze_encoder_steps``, and with ``head_warmup_steps`` every ``transferred`` parameter for at
+    least that long, so only the new ones (MultiTalent's fresh heads) train during the warm-up.
+
+    Args:
+        model: the segmenter.
+        freeze_encoder_steps: ``train.freeze_encoder_steps``.
+        head_warmup_steps: ``train.head_warmup_steps``.
+        transferred: model keys ``model.init`` filled (:attr:`LoadReport.filled`); None with a random
+            initialisation, where every parameter is new and the warm-up freezes nothing.
+    """
+    encoder = ("encoder.", "attention_head.")
+    schedule = dict.fromkeys(encoder, freeze_encoder_steps)
+    if head_warmup_steps and transferred:
+        filled = set(transferred)
+        for name, _ in model.named_parameters():
+            if name in filled:  # exact names after the prefixes: they win
+                base = freeze_encoder_steps if name.startswith(encoder) else 0
+                schedule[name] = max(base, head_warmup_steps)
+    return schedule
+
+
 def safe_name(stem: str) -> str:
     """A file name from a dataset and case name (path separators and odd characters become _)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
@@ -92,9 +118,10 @@ class FinetuneTask:
         decoder_kwargs = dict(cfg.model.decoder_kwargs)
         if cfg.train.deep_supervision:
             decoder_kwargs["deep_supervision"] = True
+        channels = self.data.channels  # dataset_class: (task, organ) per channel; None: organs
         self.model, report = build_segmenter(
             cfg.model.name,
-            num_classes=len(self.data.organs),
+            num_classes=len(self.data.organs) if channels is None else len(channels),
             num_tasks=len(self.data.tasks),
             init=cfg.model.init,
             encoder=cfg.model.encoder,
@@ -102,6 +129,7 @@ class FinetuneTask:
             use_attention_maps=cfg.model.attention_maps,
             decoder_kwargs=decoder_kwargs,
             img_size=tuple(cfg.data.patch_size),
+            transfer=cfg.model.transfer,
         )
         check_divisible(
             "data.patch_size",
@@ -127,7 +155,12 @@ class FinetuneTask:
             self.loss = DeepSupervisionLoss(self.loss)
         prefixes = ["encoder.", "attention_head."]
         self.lr_scale = dict.fromkeys(prefixes, cfg.train.encoder_lr_scale)
-        self.freeze_steps = dict.fromkeys(prefixes, cfg.train.freeze_encoder_steps)
+        self.freeze_steps = freeze_schedule(
+            self.model,
+            cfg.train.freeze_encoder_steps,
+            cfg.train.head_warmup_steps,
+            None if report is None else report.filled,
+        )
         self.spec = ModelSpec(
             name=cfg.model.name,
             encoder=self.model.encoder.model_name,
@@ -142,6 +175,12 @@ class FinetuneTask:
             strategy=cfg.train.strategy,
             preprocess=self.data.preprocess.to_dict(),
             extra={"init": cfg.model.init, "attention_maps": cfg.model.attention_maps},
+            output_channels=cfg.model.output_channels,
+            channels=(
+                None
+                if channels is None
+                else [{"task": self.data.tasks[t].name, "organ": organ} for t, organ in channels]
+            ),
         )
         best_path = self.output_dir / BEST_FILE
         self.best = json.loads(best_path.read_text()) if best_path.is_file() else None
@@ -156,6 +195,10 @@ class FinetuneTask:
         for t in self.data.tasks:
             n_train = sum(1 for _, ti in self.data.train if ti == t.index)
             accelerator.print(f"  task {t.index} {t.name}: {n_train} training cases, organs {t.organs}")
+
+    def save_snapshot(self, model: torch.nn.Module, folder: Path) -> None:
+        """A ``train.snapshot_steps`` snapshot: the run's model files, so ``mosmos evaluate`` scores it."""
+        save_model(folder, model, self.spec)
 
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         deep = {"intermediates": True} if self.cfg.train.deep_supervision else {}

@@ -484,12 +484,33 @@ def test_a_tiny_grid_end_to_end_then_a_second_call_skips_it(tiny_synth, tmp_path
         + "\n"
     )
     assert cli(["benchmark", "--config", str(config)]) == 0
-    for name in ("results.csv", "cases.csv", "summary.md", "dice_vs_budget.png", "organ_dice_f1.png"):
+    for name in (
+        "results.csv",
+        "cases.csv",
+        "curves.csv",
+        "summary.md",
+        "dice_vs_budget.png",
+        "dice_vs_steps.png",
+        "organ_dice_f1.png",
+    ):
         assert (out / name).is_file(), name
     for strategy in ("random", "mosmos", "multidataset"):
-        done = json.loads((out / "runs" / strategy / "f1_s0" / "DONE.json").read_text())
+        cell = out / "runs" / strategy / "f1_s0"
+        done = json.loads((cell / "DONE.json").read_text())
         assert done["steps"] == 2 and done["train_seconds"] > 0
-        assert (out / "runs" / strategy / "f1_s0" / "test" / "cases.csv").is_file()
+        assert (cell / "test" / "cases.csv").is_file()
+        # the default curve points (1/8, 1/4, 1/2 of a 2-step cap) all land on step 1: one snapshot
+        assert done["step_cap"] == 2 and done["curve"] == [{"step": 1, "fraction": 0.125}]
+        assert (cell / "snapshots" / "step_1" / "model.safetensors").is_file()
+        assert (cell / "test_step_1" / "cases.csv").is_file()
+    with (out / "curves.csv").open() as fh:
+        curves = list(csv.DictReader(fh))
+    points = sorted((r["strategy"], int(r["step"]), r["weights"]) for r in curves)
+    assert points == sorted(
+        (s, step, w)
+        for s in ("random", "mosmos", "multidataset")
+        for step, w in ((1, "snapshot"), (2, "best_validation"))
+    )
     md = next((out / "pretrain").glob("multidataset-*"))
     export = json.loads((md / "encoder.json").read_text())
     assert export["format"] == "mosmos-encoder-v2" and export["feature_strides"]
@@ -504,6 +525,7 @@ def test_a_tiny_grid_end_to_end_then_a_second_call_skips_it(tiny_synth, tmp_path
     assert len(results) == 3 * len(organs) and all(0 <= float(r["dice"]) <= 1 for r in results)
     summary = (out / "summary.md").read_text()
     assert "no early stopping" in summary and "fraction 1: mosmos vs random" in summary
+    assert "Learning curves: each cell's weights after optimizer step 1 (curve_points" in summary
     assert "p n/a" in summary  # one test case and seed: too few pairs for a p-value
 
     def fail(*args, **kwargs):

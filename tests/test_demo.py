@@ -40,7 +40,7 @@ def _tiny_budget() -> dict[str, list[str]]:
         "train.channels_last=false",
         "train.num_workers=0",
     ]
-    benchmark = ["label_cases=[1]", "fractions=[]", "seeds=[0]"]
+    benchmark = ["label_cases=[1]", "fractions=[]", "seeds=[0]", "curve_points=[]"]
     cells = [*finetune[:3], small, "data.samples_per_epoch=2", "train.epochs=1", *finetune[6:]]
     return {"pretrain": pretrain, "finetune": finetune, "benchmark": benchmark, "benchmark_cells": cells}
 

@@ -12,7 +12,7 @@ Example::
     logits = net(image, task=task_ids, mask=body)  # [B, 11, *image.shape[2:]]
 """
 
-from mosmos.models.segmentation.common import ENCODER_PREFIXES, SegmenterBase, UpStage
+from mosmos.models.segmentation.common import ENCODER_PREFIXES, TASK_SPECIFIC, SegmenterBase, UpStage
 from mosmos.models.segmentation.ensemble import EnsembleSegmenter
 from mosmos.models.segmentation.mo_ctrans import MOCTransSegmenter
 from mosmos.models.segmentation.mo_ctrans_conv import MOCTransConvSegmenter, TaskTokenTransformer
@@ -21,6 +21,7 @@ from mosmos.models.segmentation.unetr import UNETRSegmenter
 
 __all__ = [
     "ENCODER_PREFIXES",
+    "TASK_SPECIFIC",
     "EnsembleSegmenter",
     "MOCTransConvSegmenter",
     "MOCTransSegmenter",

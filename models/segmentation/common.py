@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from mosmos.models.tag_head import TagAttentionHead
 __all__ = [
     "ENCODER_PREFIXES",
     "HEAD_PARAMETERS_WITHOUT_MAPS",
+    "TASK_SPECIFIC",
     "SegmenterBase",
     "UpStage",
     "decoder_strides",
@@ -30,6 +32,11 @@ __all__ = [
 #: Parameter-name prefixes of the pretrained part of every segmenter (the stage 1 encoder and tag
 #: head); a trainer gives them a lower learning rate (see :meth:`SegmenterBase.encoder_parameters`).
 ENCODER_PREFIXES = ("encoder.", "attention_head.")
+
+#: Names of the parameters tied to a run's output channels and tasks: the output block(s) (``out``,
+#: the deep-supervision ``ds_heads``) and the task tokens. A whole-network transfer (MultiTalent,
+#: Ulrich et al. 2023) leaves them fresh and warms them up first.
+TASK_SPECIFIC = re.compile(r"^(out|ds_heads)\.|(^|\.)task_token\.")
 
 
 #: Parameters of a :class:`TagAttentionHead` that do not affect its attention maps (the value path
@@ -242,6 +249,11 @@ class SegmenterBase(nn.Module):
         """Trainable parameters of the pretrained part (names starting with one of
         :data:`ENCODER_PREFIXES`), for a lower learning rate."""
         return (p for n, p in self.named_parameters() if n.startswith(ENCODER_PREFIXES) and p.requires_grad)
+
+    def is_task_specific(self, name: str) -> bool:
+        """Whether parameter (or buffer) ``name`` belongs to the output head(s) or a task token
+        (:data:`TASK_SPECIFIC`): the parts a whole-network transfer does not carry over."""
+        return TASK_SPECIFIC.search(name) is not None
 
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
         """Every other trainable parameter (decoder, stem, task tokens, output block)."""

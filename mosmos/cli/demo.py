@@ -54,7 +54,8 @@ QUICK: dict[str, list[str]] = {
         "train.checkpoint_every=100",
         "train.warmup_steps=20",
     ],
-    "benchmark": ["label_cases=[2]", "fractions=[]", "seeds=[0,1]"],
+    # no learning-curve points: each would cost a test-set evaluation per cell
+    "benchmark": ["label_cases=[2]", "fractions=[]", "seeds=[0,1]", "curve_points=[]"],
     # appended to the benchmark config's finetune_overrides (every cell): 6 x 24 / 2 = 72 steps
     "benchmark_cells": ["train.epochs=6", "train.eval_every=3"],
 }
@@ -243,38 +244,29 @@ def _copy(src: Path, dst_dir: Path) -> str | None:
     return f"{dst_dir.name}/{src.name}"
 
 
-def _prediction_overlay(scan: Path, predictions: Path, label_map: Path, path: Path) -> Path:
-    """An axial slice of the predicted scan (the one with most predicted voxels), each predicted organ
-    outlined, named by the ``dataset.json`` that ``mosmos predict`` writes beside its label maps."""
-    import matplotlib
+def _prediction_overlay(scan: Path, test: Path, predictions: Path, label_map: Path, path: Path) -> Path:
+    """The predicted scan's overlay as stage 2 draws its validation overlays (prediction filled, the
+    test set's ground truth outlined), label ids matched by organ name through both ``dataset.json``."""
     import nibabel as nib
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
-    ids = json.loads((predictions / "dataset.json").read_text(encoding="utf-8"))["labels"]
-    image = np.asarray(nib.load(str(scan)).get_fdata(dtype=np.float32))
-    labels = np.asarray(nib.load(str(label_map)).dataobj).astype(np.int64)
-    z = int(np.argmax((labels > 0).sum(axis=(0, 1))))
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(np.clip(image[:, :, z], -200, 300).T, cmap="gray", origin="lower")
-    cmap, handles = matplotlib.colormaps["tab20"], []
-    for organ, i in sorted(ids.items(), key=lambda kv: kv[1]):
-        mask = labels[:, :, z] == i
-        if i == 0 or not mask.any():
-            continue
-        colour = cmap((i - 1) % 20)
-        ax.contour(mask.T.astype(float), levels=[0.5], colors=[colour], linewidths=1.2, origin="lower")
-        handles.append(Line2D([], [], color=colour, label=organ))
-    ax.set_title(f"{scan.name}: predicted organs, axial slice {z}", fontsize=9)
-    ax.axis("off")
-    if handles:
-        ax.legend(handles=handles, fontsize=6, loc="lower right", framealpha=0.6)
+    from mosmos.finetune.overlays import case_overlay
+
+    predicted_ids = json.loads((predictions / "dataset.json").read_text(encoding="utf-8"))["labels"]
+    truth_ids = json.loads((test / "dataset.json").read_text(encoding="utf-8"))["labels"]
+    organs = [o for o, i in sorted(predicted_ids.items(), key=lambda kv: kv[1]) if i > 0]
+    prediction = np.asarray(nib.load(str(label_map)).dataobj).astype(np.int16)
+    case = label_map.name.removesuffix(".nii.gz")
+    truth_file = test / "labelsTr" / f"{case}.nii.gz"
+    truth = np.zeros_like(prediction)
+    if truth_file.is_file():
+        raw = np.asarray(nib.load(str(truth_file)).dataobj).astype(np.int16)
+        for organ, i in truth_ids.items():
+            if organ in predicted_ids and i > 0:
+                truth[raw == i] = predicted_ids[organ]
+    png = case_overlay(scan, truth, prediction, organs, f"{test.name} {case}: mosmos predict")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    path.write_bytes(png)
     return path
 
 
@@ -317,7 +309,14 @@ def _summary(
         if name:
             md += [f"![{organ} attention]({name})", ""]
     if overlay is not None:
-        md += ["## A prediction", "", f"![prediction]({figures.name}/{overlay.name})", ""]
+        md += [
+            "## A prediction",
+            "",
+            "`mosmos predict` on one test scan: each predicted organ filled, the ground truth outlined.",
+            "",
+            f"![prediction]({figures.name}/{overlay.name})",
+            "",
+        ]
     md += ["## Initialisation benchmark", "", f"Full report: `{bench / 'summary.md'}`.", ""]
     for png in sorted(bench.glob("*.png")):
         name = _copy(png, figures)
@@ -389,7 +388,9 @@ def run_demo(
     print("[5/6] predict: one test scan with `mosmos predict`", flush=True)
     line, scan, label_map = _predict(stage2, test, runs / "predict")
     report("predict", line)
-    overlay = _prediction_overlay(scan, runs / "predict", label_map, out / "summary_files" / "prediction.png")
+    overlay = _prediction_overlay(
+        scan, test, runs / "predict", label_map, out / "summary_files" / "prediction.png"
+    )
 
     print("[6/6] benchmark: random initialisation vs the stage 1 encoder, fine-tuned on KidneyB", flush=True)
     bench = runs / "benchmark"

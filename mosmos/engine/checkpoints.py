@@ -7,6 +7,11 @@ written under a temporary name, fsynced and renamed, so a kill at any moment lea
 whole checkpoint or none. Resume takes the newest checkpoint whose files are complete and unchanged;
 one that is not is set aside as ``unusable_step_N`` (kept for inspection, never pruned in place of a
 good one) and the previous one is tried.
+
+A snapshot (``train.snapshot_steps``) is lighter: ``OUTPUT_DIR/snapshots/step_<k>`` holds the model
+weights after optimizer step ``k`` in the stage's own weight format (what the task's
+``save_snapshot`` writes; by default ``model.safetensors``), written the same atomic way and never
+pruned. It is not something to resume from, only to score: the points of a learning curve.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mosmos.errors import ConfigError, MosmosError
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
     from torch.optim.lr_scheduler import LRScheduler
 
@@ -30,6 +37,8 @@ logger = logging.getLogger("mosmos")
 CHECKPOINT_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+SNAPSHOT_DIR = "snapshots"
+WEIGHTS_FILE = "model.safetensors"  # a snapshot's weights where the task has no save_snapshot
 
 
 def checkpoint_name(step: int) -> str:
@@ -120,12 +129,61 @@ def save(accelerator: Accelerator, output_dir: Path, state: dict, keep: int) -> 
 
 
 def remove_stale_temporaries(accelerator: Accelerator, output_dir: Path) -> None:
-    """Half-written ``.tmp_step_N`` folders of a killed save are never loaded; remove them."""
+    """Half-written ``.tmp_step_N`` folders of a killed save (checkpoint or snapshot) are never
+    loaded; remove them."""
     if accelerator.is_main_process:
-        for tmp in (output_dir / "checkpoints").glob(f".tmp_{CHECKPOINT_PREFIX}*"):
-            logger.info("removing %s, left by an interrupted save", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in ("checkpoints", SNAPSHOT_DIR):
+            for tmp in (output_dir / folder).glob(f".tmp_{CHECKPOINT_PREFIX}*"):
+                logger.info("removing %s, left by an interrupted save", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def snapshot_path(output_dir: str | Path, step: int) -> Path:
+    """The folder of the snapshot taken after optimizer step ``step`` (``snapshots/step_<k>``)."""
+    return Path(output_dir) / SNAPSHOT_DIR / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def list_snapshots(output_dir: str | Path) -> dict[int, Path]:
+    """Complete snapshots of a run, by optimizer step, in step order."""
+    root = Path(output_dir) / SNAPSHOT_DIR
+    if not root.is_dir():
+        return {}
+    found = {
+        int(p.name[len(CHECKPOINT_PREFIX) :]): p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    }
+    return dict(sorted(found.items()))
+
+
+def write_weights(model: torch.nn.Module, directory: Path) -> None:
+    """A snapshot of a task without ``save_snapshot``: the model's state dict as ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+
+
+def save_snapshot(
+    accelerator: Accelerator, output_dir: Path, step: int, write: Callable[[Path], None]
+) -> Path:
+    """Write ``snapshots/step_<step>`` atomically: ``write(folder)`` fills a temporary folder on the
+    main process, which is fsynced and renamed (an earlier snapshot of that step, from a run that
+    was killed and resumed before it, is replaced: the weights are the same)."""
+    final = snapshot_path(output_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def _candidates(resume: str | None, output_dir: Path) -> list[Path]:

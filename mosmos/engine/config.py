@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mosmos.errors import ConfigError
@@ -49,6 +49,13 @@ class TrainConfig:
     # mean Dice; stage 1: tag mAP); epochs / max_steps is then the cap. null: train the whole budget
     early_stopping_patience: int | None = None
     log_with: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"  # accelerate's tracker
+    # optimizer steps after which the model weights are also saved, to OUTPUT_DIR/snapshots/step_<k>/
+    # (the stage's own weight files: stage 2 model.safetensors + model.json, which `mosmos evaluate`
+    # reads), for learning curves; nothing else in the run changes; a step never reached gives none
+    snapshot_steps: list[int] = field(default_factory=list)
+    # stop after this many optimizer steps, with the learning-rate schedule still spanning the whole
+    # budget (epochs / max_steps): the run a learning-curve snapshot stands for. null: the whole budget
+    stop_after_steps: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first key whose value is out of range."""
@@ -73,6 +80,10 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key.split('.')[1])!r} is out of range")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps={self.max_steps} must be >= 1 or null")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise ConfigError(f"train.stop_after_steps={self.stop_after_steps} must be >= 1 or null")
+        if any(step < 1 for step in self.snapshot_steps):
+            raise ConfigError(f"train.snapshot_steps={self.snapshot_steps}: optimizer steps must be >= 1")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError(f"train.clip_grad={self.clip_grad} must be > 0 or null")
         import importlib.util

@@ -9,6 +9,11 @@ and a step function ``(model, batch) -> {"loss": ...}``.
 Exact resume: the sampler's order is a function of (seed, epoch) and augmentation is seeded per
 (seed, epoch, sample), so restoring model/optimizer/scheduler/RNG state and skipping the batches
 already seen reproduces an uninterrupted run.
+
+Learning curves: ``train.snapshot_steps`` saves the model weights after those optimizer steps
+(:meth:`Engine.save_snapshot`), touching no RNG stream, batch or optimizer state, so the run trains
+bit for bit as it would without; ``train.stop_after_steps`` ends a run after that many steps with the
+schedule of the whole budget, the run a snapshot stands for.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ class Task(Protocol):
     """What a stage hands the engine (optionally also ``lr_scale`` and ``freeze_steps``, by
     parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`; ``monitor``:
     the validation metric, higher is better, that ``train.early_stopping_patience`` watches; and
-    ``eval_images``: ``{tag: [H, W, 3] array}`` the last ``evaluate`` drew, logged to TensorBoard)."""
+    ``eval_images``: ``{tag: [H, W, 3] array}`` the last ``evaluate`` drew, logged to TensorBoard; and
+    ``save_snapshot(model, folder)``: the task's own weight files, written into a ``train.snapshot_steps``
+    snapshot, by default :func:`mosmos.engine.checkpoints.write_weights`)."""
 
     model: torch.nn.Module
     train_dataset: Dataset
@@ -102,7 +109,7 @@ class Engine:
         self.try_resume()
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if acc.is_main_process else None
         bar = tqdm(
-            total=self.total_steps,
+            total=self.last_step,
             initial=self.global_step,
             disable=not acc.is_local_main_process,
             desc="train",
@@ -110,7 +117,7 @@ class Engine:
         )
         start = time.time()
         try:
-            while self.global_step < self.total_steps and not self.interrupted and not self.stopped_early:
+            while self.global_step < self.last_step and not self.interrupted and not self.stopped_early:
                 if self._train_epoch(bar):  # ran to the end of the epoch
                     self.epoch += 1
                     self.batches_done = 0
@@ -166,6 +173,9 @@ class Engine:
         steps_per_epoch = max(1, len(self.loader) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         self.scheduler = cosine_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        # train.stop_after_steps ends the loop early; the schedule above still spans total_steps
+        self.last_step = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
+        self.snapshot_steps = set(cfg.snapshot_steps)
         # The scheduler's state goes into trainer_state.json, not accelerate's register_for_checkpointing:
         # accelerate reads registered objects back with torch.load(weights_only=False), which would run
         # whatever a tampered checkpoint pickled. Everything else it loads is safetensors or weights_only.
@@ -219,11 +229,13 @@ class Engine:
                 continue
             self.global_step += 1
             bar.update(1)
+            if self.global_step in self.snapshot_steps:
+                self.save_snapshot()
             if self.global_step % cfg.log_every == 0:
                 self._log(bar)
             if self.global_step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self.global_step >= self.total_steps or self.interrupted:
+            if self.global_step >= self.last_step or self.interrupted:
                 return False
         return True
 
@@ -385,6 +397,10 @@ class Engine:
         latest = checkpoints.list_checkpoints(self.output_dir)
         if not latest or latest[0].name != checkpoints.checkpoint_name(self.global_step):
             self.save_checkpoint()
+        if self.last_step < self.total_steps and self.global_step == self.last_step:
+            self.accelerator.print(
+                f"stopped after {self.global_step} of {self.total_steps} steps (train.stop_after_steps)"
+            )
         self.accelerator.print(
             f"done: {self.global_step} steps in {time.time() - start:.0f}s "
             f"({self.data_wait_share:.1%} of the training time waiting for data, "
@@ -405,6 +421,22 @@ class Engine:
             "scheduler": checkpoints.scheduler_state(self.scheduler),
         }
         return checkpoints.save(self.accelerator, self.output_dir, state, self.cfg.keep_checkpoints)
+
+    def save_snapshot(self) -> Path:
+        """Write the model weights after this step to ``snapshots/step_<k>`` (``train.snapshot_steps``),
+        in the task's own format (its ``save_snapshot``, else ``model.safetensors``). It only reads
+        the weights: no RNG stream, batch, optimizer or scheduler state moves."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        write = getattr(self.task, "save_snapshot", None)
+
+        def fill(folder: Path) -> None:
+            if write is not None:
+                write(model, folder)
+            else:
+                checkpoints.write_weights(model, folder)
+
+        return checkpoints.save_snapshot(acc, self.output_dir, self.global_step, fill)
 
     def try_resume(self) -> bool:
         """Continue from the newest usable checkpoint ``train.resume`` names; False when there is

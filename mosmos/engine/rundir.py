@@ -46,6 +46,7 @@ RESULT_NEUTRAL_KEYS = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.snapshot_steps",  # extra weight files; the training itself is the same
     "eval.attention_overlays",
     "eval.overlays",
 )
@@ -59,6 +60,7 @@ RUN_FILES = (
     "autotune.json",
     "skipped.csv",
     "checkpoints",
+    "snapshots",
     "logs",
     # stage 1
     "encoder.safetensors",
