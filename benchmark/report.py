@@ -479,19 +479,32 @@ def _init_lines(cfg: BenchmarkConfig, cases: list[dict[str, Any]]) -> list[str]:
         "",
     ]
     controls = ("random", "shuffled_tags", "shuffled_variant")
+    variant_family = ("mosmos_variant", "mosmos_variant+masks")  # controlled by shuffled_variant
     sections = [
         ("random", "Against random initialisation", [s for s in strategies if s != "random"]),
         (
             "shuffled_tags",
             "Against the shuffled-report control (shuffled_tags, the paper's objective)",
-            [s for s in strategies if s not in controls and s != "mosmos_variant"],
+            [s for s in strategies if s not in controls and s not in variant_family],
         ),
         (
             "shuffled_variant",
             "Against the shuffled-report control of the variant (shuffled_variant)",
-            [s for s in strategies if s == "mosmos_variant"],
+            [s for s in strategies if s in variant_family],
+        ),
+        # what a few masks add to the same stage 1 objective
+        (
+            "mosmos",
+            "What the masks add (mosmos+masks against mosmos)",
+            [s for s in strategies if s == "mosmos+masks"],
+        ),
+        (
+            "mosmos_variant",
+            "What the masks add (mosmos_variant+masks against mosmos_variant)",
+            [s for s in strategies if s == "mosmos_variant+masks"],
         ),
     ]
+    sections = [sec for sec in sections if sec[2]]
     sections = [sec for sec in sections if sec[0] in strategies]
     family = "the initialisation comparisons" if cfg.partial_strategies else "this summary"
     return lines + _family_lines(comparison_family(cases, budgets, sections), "##", family)

@@ -313,3 +313,51 @@ def test_benchmark_plans_mosmos_variant_masks(tmp_path):
     assert masks.output_dir != plain.output_dir
     masks.output_dir = plain.output_dir
     assert masks == plain
+
+
+def test_the_report_compares_the_masks_strategies_with_their_control_and_without_masks():
+    """mosmos_variant+masks is compared with random, with its shuffled-report control and with
+    mosmos_variant (what the masks add); each difference equals an independent mean over the rows."""
+    import numpy as np
+
+    from mosmos.benchmark.config import BenchmarkConfig
+    from mosmos.benchmark.report import _init_lines
+
+    rng = np.random.default_rng(0)
+    base = {"random": 0.5, "mosmos_variant": 0.52, "mosmos_variant+masks": 0.58, "shuffled_variant": 0.47}
+    rows = []
+    for strategy, level in base.items():
+        for seed in (0, 1):
+            for case in range(8):
+                for organ in ("kidney_left", "kidney_right"):
+                    dice = float(np.clip(level + 0.05 * rng.standard_normal(), 0, 1))
+                    rows.append(
+                        {
+                            "axis": "initialisation",
+                            "strategy": strategy,
+                            "budget": "n1",
+                            "fraction": 1.0,
+                            "seed": seed,
+                            "dataset": "T",
+                            "case": f"c{case}",
+                            "organ": organ,
+                            "dice": dice,
+                        }
+                    )
+    cfg = BenchmarkConfig(strategies=list(base), label_cases=[1], fractions=[])
+    text = "\n".join(_init_lines(cfg, rows))
+    assert "## What the masks add (mosmos_variant+masks against mosmos_variant)" in text
+    control = text.split("## Against the shuffled-report control of the variant (shuffled_variant)")[1]
+    control = control.split("##")[0]
+    assert (
+        "mosmos_variant vs shuffled_variant" in control
+        and "mosmos_variant+masks vs shuffled_variant" in control
+    )
+    assert "(shuffled_tags, the paper's objective)" not in text  # no paper-objective strategy here
+
+    def mean(strategy):
+        return np.mean([r["dice"] for r in rows if r["strategy"] == strategy])
+
+    expected = mean("mosmos_variant+masks") - mean("mosmos_variant")
+    line = next(x for x in text.splitlines() if "mosmos_variant+masks vs mosmos_variant:" in x)
+    assert float(line.split(": ")[2].split(" ")[0]) == pytest.approx(expected, abs=6e-4)

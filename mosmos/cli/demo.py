@@ -10,7 +10,7 @@ Two budgets:
 * ``quick`` (the default, about ten minutes on two CPU cores): the shipped demo configs with the
   overrides of :data:`QUICK` (printed in the summary, so every stage can be rerun by hand). Stage 1
   is ``mosmos+masks`` on the demo recipe: ten labelled scans of the two non-target datasets supervise
-  the attention maps, which makes the tags and the organs' locations learnable in 240 steps
+  the attention maps, which makes the tags and the organs' locations learnable in 150 steps
   (docs/results/localisation.md); the benchmark compares random initialisation with this encoder on
   two labelled cases, two seeds, a few dozen steps per cell: a smoke test of the protocol, too small
   to separate strategies (the summary says so when its interval holds zero).
@@ -41,23 +41,23 @@ _MONTAGE_ORGANS = ("liver", "kidney_left", "aorta")  # the summary's attention m
 #: The quick demo's overrides of the shipped demo configs, per stage ("{data}" is OUT/data).
 QUICK: dict[str, list[str]] = {
     "pretrain": [
-        "train.epochs=8",  # 240 steps of batch 16
-        "train.eval_every=8",
+        "train.epochs=5",  # 150 steps of batch 16
+        "train.eval_every=5",
         "train.checkpoint_every=60",
         "data.mask_datasets=[" + ",".join("{data}/nnUNet_raw/" + d for d in _MASK_DATASETS) + "]",
         "data.mask_max_cases=5",
         "data.mask_ratio=0.25",
     ],
     "finetune": [
-        "train.epochs=4",  # 4 x 96 patches / batch 2 = 192 steps
-        "train.eval_every=2",
+        "train.epochs=2",  # 2 x 96 patches / batch 2 = 96 steps
+        "train.eval_every=1",
         "train.checkpoint_every=100",
         "train.warmup_steps=20",
     ],
     # no learning-curve points: each would cost a test-set evaluation per cell
     "benchmark": ["label_cases=[2]", "fractions=[]", "seeds=[0,1]", "curve_points=[]"],
-    # appended to the benchmark config's finetune_overrides (every cell): 6 x 24 / 2 = 72 steps
-    "benchmark_cells": ["train.epochs=6", "train.eval_every=3"],
+    # appended to the benchmark config's finetune_overrides (every cell): 4 x 24 / 2 = 48 steps
+    "benchmark_cells": ["train.epochs=4", "train.eval_every=2"],
 }
 
 
