@@ -127,11 +127,12 @@ def overlay_png(
         Patch(facecolor=(0.5, 0.5, 0.5, 0.45), edgecolor="none", label="filled: prediction"),
         Line2D([], [], color="0.3", linewidth=1.5, label="outline: ground truth"),
     ]
-    ax.set_title(f"{title}  (axial z={z})", fontsize=9)
+    # left-aligned in the figure, not centred on the image: a long title would run off the left edge
+    fig.text(0.01, 0.985, f"{title}  (axial z={z})", fontsize=9, ha="left", va="top")
     ax.set_axis_off()
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.72, 0.5), fontsize=8, frameon=False)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.05)  # nothing clipped at the edges
     return buffer.getvalue()
 
 
