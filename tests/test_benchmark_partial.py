@@ -12,8 +12,8 @@ import scipy.stats
 from mosmos.benchmark import run as benchmark
 from mosmos.benchmark.config import PARTIAL_STRATEGIES, BenchmarkConfig
 from mosmos.benchmark.plan import config_hash, make_plan
-from mosmos.benchmark.report import comparison_family
 from mosmos.benchmark.run import run_benchmark
+from mosmos.benchmark.summary import comparison_family
 from mosmos.cli import main as cli
 from mosmos.config import load_config
 from mosmos.errors import ConfigError

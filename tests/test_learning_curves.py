@@ -20,13 +20,8 @@ from safetensors.torch import load_file
 from mosmos.benchmark import plan as plan_module
 from mosmos.benchmark.config import BenchmarkConfig
 from mosmos.benchmark.plan import NEUTRAL_KEYS, config_hash, curve_steps, make_plan, step_cap
-from mosmos.benchmark.report import (
-    CURVE_COLUMNS,
-    curve_intervals,
-    curve_rows,
-    dodged_positions,
-    plot_dice_vs_steps,
-)
+from mosmos.benchmark.plots import curve_intervals, dodged_positions, plot_dice_vs_steps
+from mosmos.benchmark.report import CURVE_COLUMNS, curve_rows
 from mosmos.cli import main as cli
 from mosmos.config import load_config
 from mosmos.engine import Engine, TrainConfig

@@ -321,7 +321,7 @@ def test_the_report_compares_the_masks_strategies_with_their_control_and_without
     import numpy as np
 
     from mosmos.benchmark.config import BenchmarkConfig
-    from mosmos.benchmark.report import _init_lines
+    from mosmos.benchmark.summary import _init_lines
 
     rng = np.random.default_rng(0)
     base = {"random": 0.5, "mosmos_variant": 0.52, "mosmos_variant+masks": 0.58, "shuffled_variant": 0.47}
