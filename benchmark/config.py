@@ -15,7 +15,12 @@ Strategies (see :data:`STRATEGIES`):
 * ``mosmos+masks``: the ``mosmos`` stage 1 with the labelled scans of ``data.mask_datasets`` (default:
   ``data.other_datasets``) also supervising each organ's attention map (stage 1's
   ``data.mask_datasets``; see docs/stage1-pretrain.md). ``mosmos_variant+masks`` is the same on the
-  ``mosmos_variant`` objective (the departures in ``objective_variants``).
+  ``mosmos_variant`` objective (the departures in ``objective_variants``); ``shuffled_variant+masks``
+  is its control (the same masks, every scan paired with another scan's report).
+* ``<strategy>+attention`` (``mosmos+attention``, ``mosmos_variant+attention``,
+  ``mosmos+masks+attention``, ``mosmos_variant+masks+attention``, ``shuffled_variant+masks+attention``):
+  the encoder of ``<strategy>`` with its pixel-tag attention maps also fed to the decoder (the
+  paper's transfer route).
 * ``multidataset``: supervised stage 2 pretraining on ``data.other_datasets``, transferred as
   MultiTalent does: encoder and decoder (``model.transfer: encoder_decoder``), the new head warmed
   up alone first (``train.head_warmup_steps``); its encoder is also exported in the stage 1 format.
@@ -70,11 +75,18 @@ STAGE1_VARIANTS: dict[str, list[str]] = {
     "shuffled_variant": ["data.shuffle_reports=true"],  # and train.variants as mosmos_variant
     "mosmos_masks": ["train.variants=[]"],  # and data.mask_datasets from BenchmarkConfig (plan.py)
     "mosmos_variant_masks": [],  # train.variants as mosmos_variant, data.mask_datasets as mosmos_masks
+    # the control of mosmos_variant_masks: the same masks, reports shuffled across scans
+    "shuffled_variant_masks": ["data.shuffle_reports=true"],
 }
 #: Stage 1 variants whose train.variants is BenchmarkConfig.objective_variants.
-OBJECTIVE_VARIANT_RUNS = ("mosmos_variant", "shuffled_variant", "mosmos_variant_masks")
+OBJECTIVE_VARIANT_RUNS = (
+    "mosmos_variant",
+    "shuffled_variant",
+    "mosmos_variant_masks",
+    "shuffled_variant_masks",
+)
 #: Stage 1 variants that mix the labelled scans of BenchmarkConfig.data.mask_datasets into stage 1.
-MASK_VARIANT_RUNS = ("mosmos_masks", "mosmos_variant_masks")
+MASK_VARIANT_RUNS = ("mosmos_masks", "mosmos_variant_masks", "shuffled_variant_masks")
 #: Strategy -> the pretraining variant whose encoder initialises it (None: no pretraining).
 STRATEGY_VARIANT: dict[str, str | None] = {
     "random": None,
@@ -88,7 +100,15 @@ STRATEGY_VARIANT: dict[str, str | None] = {
     "shuffled_variant": "shuffled_variant",
     "mosmos+masks": "mosmos_masks",
     "mosmos_variant+masks": "mosmos_variant_masks",
+    "shuffled_variant+masks": "shuffled_variant_masks",
+    # the same encoders with their pixel-tag attention maps also fed to the decoder
+    "mosmos_variant+attention": "mosmos_variant",
+    "mosmos+masks+attention": "mosmos_masks",
+    "mosmos_variant+masks+attention": "mosmos_variant_masks",
+    "shuffled_variant+masks+attention": "shuffled_variant_masks",
 }
+#: Strategies whose cells feed the stage 1 pixel-tag attention maps to the decoder.
+ATTENTION_SUFFIX = "+attention"
 STRATEGIES = tuple(STRATEGY_VARIANT)
 
 #: Cells of the partial-label axis are reported as ``partial:<name>`` (results.csv, cases.csv, summary).
@@ -161,8 +181,8 @@ class BenchmarkConfig:
     seed: int = 0  # seed of the pretraining variants (each cell uses its own from `seeds`)
     data: BenchmarkData = field(default_factory=BenchmarkData)
     # initialisation strategies: random, mosmos, contrastive_only, tags_only, mosmos+attention,
-    # mosmos+masks, mosmos_variant, mosmos_variant+masks, shuffled_variant, multidataset, shuffled_tags,
-    # checkpoint:PATH
+    # mosmos+masks, mosmos_variant, mosmos_variant+masks, shuffled_variant, shuffled_variant+masks,
+    # multidataset, shuffled_tags, any of these with masks followed by +attention, checkpoint:PATH
     strategies: list[str] = field(default_factory=lambda: ["random", "mosmos", "shuffled_tags"])
     fractions: list[float] = field(default_factory=lambda: [0.25, 1.0])  # shares of target training cases
     # numbers of labelled target training cases (nested, seeded subsets; e.g. [1, 2, 4, 8]): a label
@@ -264,8 +284,8 @@ class BenchmarkConfig:
             )
         if variants & set(OBJECTIVE_VARIANT_RUNS) and not self.objective_variants:
             raise ConfigError(
-                "objective_variants is required by the mosmos_variant, mosmos_variant+masks and "
-                "shuffled_variant strategies, "
+                "objective_variants is required by the strategies "
+                f"{[s for s in inits if STRATEGY_VARIANT.get(s) in OBJECTIVE_VARIANT_RUNS]}, "
                 "e.g. [lit, pooled_tags]"
             )
         masked = [s for s in inits if STRATEGY_VARIANT.get(s) in MASK_VARIANT_RUNS]

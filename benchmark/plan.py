@@ -8,8 +8,8 @@ reused across cells and invocations. Cells live in ``OUTPUT/runs/<strategy>/<bud
 configuration stops the benchmark (:func:`check_stale`) rather than mixing two experiments.
 
 Learning curves: each cell's ``train.snapshot_steps`` are its ``curve_points`` times its step cap
-(:func:`step_cap`, :func:`curve_steps`). Snapshots change no result, so the key is left out of the
-hash (:data:`NEUTRAL_KEYS`): a cell finished before curves existed still matches its config.
+(:func:`mosmos.benchmark.steps.step_cap`, :func:`~mosmos.benchmark.steps.curve_steps`). Snapshots change no result, so the key is left out of the
+hash (:data:`mosmos.benchmark.hashing.NEUTRAL_KEYS`): a cell finished before curves existed still matches its config.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from mosmos.benchmark.config import (
+    ATTENTION_SUFFIX,
     CHECKPOINT_PREFIX,
     MASK_VARIANT_RUNS,
     OBJECTIVE_VARIANT_RUNS,
@@ -34,7 +34,9 @@ from mosmos.benchmark.config import (
     STRATEGY_VARIANT,
     BenchmarkConfig,
 )
-from mosmos.config import apply_overrides, from_dict, to_dict
+from mosmos.benchmark.hashing import NEUTRAL_KEYS, config_hash
+from mosmos.benchmark.steps import curve_steps, step_cap
+from mosmos.config import apply_overrides, from_dict
 from mosmos.errors import ConfigError
 from mosmos.export import ENCODER_JSON, ENCODER_WEIGHTS, read_encoder_export
 from mosmos.finetune.config import FinetuneConfig
@@ -50,10 +52,7 @@ __all__ = [
     "axis_of",
     "cell_dirname",
     "check_stale",
-    "config_hash",
-    "curve_steps",
     "make_plan",
-    "step_cap",
     "strategy_dirname",
 ]
 
@@ -148,29 +147,6 @@ def variant_key(name: str, pretrain_seed: int | None) -> str:
     return name if pretrain_seed is None else f"{name}@s{pretrain_seed}"
 
 
-#: Keys of the stage configs that do not change a run's results (where it writes, how it resumes,
-#: which pictures it draws): left out of every hash.
-NEUTRAL_KEYS = (
-    "output_dir",
-    "data.cache_dir",
-    "train.resume",
-    "train.overwrite",
-    "eval.overlays",
-    "train.snapshot_steps",  # extra weight files for the learning curves; the training is the same
-)
-#: Keys added to the stage configs after benchmarks were run: left out of the hash while null (what
-#: every earlier run had), so the folders of those benchmarks still match their configs.
-NEWER_KEYS = ("data.subset_datasets", "train.stop_after_steps")
-
-
-#: Keys added later with a non-null default (key -> default): left out of the hash at that default.
-NEWER_DEFAULTS: dict[str, Any] = {
-    "model.output_channels": "organ",
-    "model.transfer": "encoder",
-    "train.head_warmup_steps": 0,
-}
-
-
 def multidataset_transfer(warmup_steps: int) -> list[str]:
     """What the cells of the ``multidataset`` strategy fine-tune with unless the benchmark's overrides
     say otherwise (``train.pretrained_overrides: [model.transfer=encoder, train.head_warmup_steps=0]``
@@ -178,47 +154,6 @@ def multidataset_transfer(warmup_steps: int) -> list[str]:
     whose fresh output head and task tokens first train alone, here for the cell's learning-rate
     warm-up (``train.warmup_steps``)."""
     return ["model.transfer=encoder_decoder", f"train.head_warmup_steps={warmup_steps}"]
-
-
-def config_hash(cfg: Any, ignore: tuple[str, ...] = NEUTRAL_KEYS) -> str:
-    """Short hash of a resolved config, without the keys that do not change results (``ignore``),
-    the :data:`NEWER_KEYS` left null and the :data:`NEWER_DEFAULTS` left at their default."""
-    tree = to_dict(cfg)
-    defaults = {**dict.fromkeys(NEWER_KEYS), **NEWER_DEFAULTS}
-    for key in (*ignore, *defaults):
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.get(part, {})
-        if key in ignore or (leaf in node and node[leaf] == defaults[key]):
-            node.pop(leaf, None)
-    text = json.dumps(tree, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
-
-
-def step_cap(ft: FinetuneConfig) -> int | None:
-    """The optimizer steps a stage 2 run of ``ft`` trains at most, as the engine counts them on one
-    process: ``train.max_steps``, else ``train.epochs`` x the full batches of ``data.samples_per_epoch``
-    per epoch / ``train.grad_accum``. None when an epoch is the training cases themselves
-    (``data.samples_per_epoch`` null), a length known only once the data is read."""
-    t = ft.train
-    if t.max_steps:
-        return t.max_steps
-    if ft.data.samples_per_epoch is None:
-        return None
-    return t.epochs * max(1, (ft.data.samples_per_epoch // t.batch_size) // t.grad_accum)
-
-
-def curve_steps(cap: int, points: list[float]) -> dict[int, float]:
-    """``{optimizer step: share}`` of the learning-curve ``points`` (shares of ``cap``): step
-    ``ceil(share x cap)``, at least 1; a share landing on the cap itself (the cell's own score) or on
-    the step of a smaller share (a short budget) is left out."""
-    out: dict[int, float] = {}
-    for share in sorted(points):
-        step = max(1, math.ceil(share * cap - 1e-9))  # 0.1 x 30 is 3.0000000000000004, not 4
-        if step < cap:
-            out.setdefault(step, share)
-    return out
 
 
 def _find_file(path: str, key: str) -> Path:
@@ -374,7 +309,7 @@ def make_plan(cfg: BenchmarkConfig) -> Plan:
             "data.max_train_cases": int(budget[1:]) if budget.startswith("n") else None,
             "data.cache_dir": cache,
             "model.init": init,
-            "model.attention_maps": init_strategy == "mosmos+attention",
+            "model.attention_maps": init_strategy.endswith(ATTENTION_SUFFIX),
             "train.resume": "latest",
             "train.early_stopping_patience": cfg.train.early_stopping_patience,
             **(preprocess_updates if init == "random" or name == "multidataset" else {}),

@@ -35,9 +35,9 @@ from mosmos.benchmark.plan import (
     Variant,
     check_stale,
     make_plan,
-    step_cap,
 )
 from mosmos.benchmark.report import write_report
+from mosmos.benchmark.steps import step_cap
 from mosmos.config import dump_config, load_config
 from mosmos.engine.checkpoints import list_snapshots
 from mosmos.errors import MosmosError

@@ -11,8 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from mosmos.benchmark.config import PARTIAL_PREFIX, PARTIAL_STRATEGIES, BenchmarkConfig, budget_label
-from mosmos.benchmark.plan import Plan, step_cap
+from mosmos.benchmark.config import (
+    ATTENTION_SUFFIX,
+    PARTIAL_PREFIX,
+    PARTIAL_STRATEGIES,
+    BenchmarkConfig,
+    budget_label,
+)
+from mosmos.benchmark.plan import Plan
 from mosmos.benchmark.stats import (
     MIN_NONZERO_PAIRS,
     BootstrapCI,
@@ -22,11 +28,14 @@ from mosmos.benchmark.stats import (
     holm,
     strategy_interval,
 )
+from mosmos.benchmark.steps import step_cap
 
 __all__ = [
+    "CONTROLS",
     "DESCRIPTIONS",
     "PARTIAL_DESCRIPTIONS",
     "comparison_family",
+    "control_of",
     "format_interval_table",
     "interval_table",
     "write_summary",
@@ -46,6 +55,14 @@ DESCRIPTIONS = {
     "mosmos_variant+masks": "the mosmos_variant stage 1 with a few labelled scans supervising the "
     "attention maps (data.mask_datasets)",
     "shuffled_variant": "the mosmos_variant stage 1, every scan paired with another scan's report",
+    "shuffled_variant+masks": "the mosmos_variant+masks stage 1 (the same masks), every scan paired "
+    "with another scan's report",
+    "mosmos_variant+attention": "the mosmos_variant encoder, plus its attention maps fed to the decoder",
+    "mosmos+masks+attention": "the mosmos+masks encoder, plus its attention maps fed to the decoder",
+    "mosmos_variant+masks+attention": "the mosmos_variant+masks encoder, plus its attention maps fed "
+    "to the decoder",
+    "shuffled_variant+masks+attention": "the shuffled_variant+masks encoder, plus its attention maps "
+    "fed to the decoder",
     "shuffled_tags": "the mosmos stage 1, every scan paired with another scan's report (same compute, "
     "no true pairing)",
 }
@@ -285,36 +302,64 @@ def _init_lines(cfg: BenchmarkConfig, cases: list[dict[str, Any]]) -> list[str]:
         format_interval_table(interval_table(cases, strategies, budgets), strategies, budgets),
         "",
     ]
-    controls = ("random", "shuffled_tags", "shuffled_variant")
-    variant_family = ("mosmos_variant", "mosmos_variant+masks")  # controlled by shuffled_variant
-    sections = [
-        ("random", "Against random initialisation", [s for s in strategies if s != "random"]),
-        (
-            "shuffled_tags",
-            "Against the shuffled-report control (shuffled_tags, the paper's objective)",
-            [s for s in strategies if s not in controls and s not in variant_family],
-        ),
-        (
-            "shuffled_variant",
-            "Against the shuffled-report control of the variant (shuffled_variant)",
-            [s for s in strategies if s in variant_family],
-        ),
-        # what a few masks add to the same stage 1 objective
-        (
-            "mosmos",
-            "What the masks add (mosmos+masks against mosmos)",
-            [s for s in strategies if s == "mosmos+masks"],
-        ),
-        (
-            "mosmos_variant",
-            "What the masks add (mosmos_variant+masks against mosmos_variant)",
-            [s for s in strategies if s == "mosmos_variant+masks"],
-        ),
+    sections = [("random", "Against random initialisation", [s for s in strategies if s != "random"])]
+    by_control: dict[str, list[str]] = {}
+    for s in strategies:
+        control = control_of(s, strategies)
+        if control is not None:
+            by_control.setdefault(control, []).append(s)
+    sections += [
+        (control, CONTROL_TITLES.get(control, f"Against the shuffled-report control ({control})"), members)
+        for control, members in by_control.items()
     ]
+    # what a few masks add to the same stage 1 objective, and what the attention maps add to an encoder
+    for base in ("mosmos", "mosmos_variant"):
+        sections.append(
+            (
+                base,
+                f"What the masks add ({base}+masks against {base})",
+                [s for s in strategies if s == f"{base}+masks"],
+            )
+        )
+    for s in strategies:
+        if s.endswith(ATTENTION_SUFFIX):
+            base = s.removesuffix(ATTENTION_SUFFIX)
+            sections.append((base, f"What the attention maps add ({s} against {base})", [s]))
     sections = [sec for sec in sections if sec[2]]
     sections = [sec for sec in sections if sec[0] in strategies]
     family = "the initialisation comparisons" if cfg.partial_strategies else "this summary"
     return lines + _family_lines(comparison_family(cases, budgets, sections), "##", family)
+
+
+#: The shuffled-report controls: stage 1 with every scan paired with another scan's report.
+CONTROLS = ("shuffled_tags", "shuffled_variant", "shuffled_variant+masks")
+CONTROL_TITLES = {
+    "shuffled_tags": "Against the shuffled-report control (shuffled_tags, the paper's objective)",
+    "shuffled_variant": "Against the shuffled-report control of the variant (shuffled_variant)",
+}
+
+
+def control_of(strategy: str, strategies: Sequence[str]) -> str | None:
+    """The shuffled-report control in ``strategies`` that ``strategy``'s gain must beat: the control
+    of its stage 1 objective (``shuffled_variant`` for the variant family, ``shuffled_variant+masks``
+    for the variant with masks when present, ``shuffled_tags`` for the rest), with its attention maps
+    when ``strategy`` feeds them to the decoder and that control is present too. None for random,
+    the controls themselves, or when the benchmark has no such control."""
+    attention = strategy.endswith(ATTENTION_SUFFIX)
+    base = strategy.removesuffix(ATTENTION_SUFFIX)
+    if strategy == "random" or base in CONTROLS:
+        return None
+    if base.startswith("mosmos_variant"):
+        candidates = ["shuffled_variant+masks", "shuffled_variant"] if base.endswith("+masks") else []
+        candidates = candidates or ["shuffled_variant"]
+    else:
+        candidates = ["shuffled_tags"]
+    for control in candidates:
+        if attention and control + ATTENTION_SUFFIX in strategies:
+            return control + ATTENTION_SUFFIX
+        if control in strategies:
+            return control
+    return None
 
 
 def _init_description(strategy: str) -> str:

@@ -259,7 +259,7 @@ def build_segmenter(
         ConfigError: unknown names or bad kwargs, an unreadable export, attention maps without a
             stage 1 head, or weights that do not fit (see :func:`load_encoder_weights`).
     """
-    from mosmos.models.registry import create_image_encoder, create_model, list_models
+    from mosmos.models.registry import create_image_encoder, list_models
 
     segmenters = list_models("segmenter")
     if name not in segmenters:
@@ -306,18 +306,7 @@ def build_segmenter(
                 f"(it was pretrained without tags); turn attention maps off"
             )
 
-    try:
-        model = create_model(
-            "segmenter",
-            name,
-            encoder=image_encoder,
-            num_classes=num_classes,
-            num_tasks=num_tasks,
-            attention_head=head,
-            **(decoder_kwargs or {}),
-        )
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"cannot build segmenter {name!r}: {err}") from err
+    model = _create_segmenter(name, image_encoder, num_classes, num_tasks, head, decoder_kwargs or {})
     if random_init:
         return model, None
     return model, load_encoder_weights(model, tensors, export_paths(init)[1], use_attention_maps)
@@ -335,7 +324,7 @@ def _build_from_network(
 ) -> tuple[nn.Module, LoadReport]:
     """:func:`build_segmenter` with ``transfer="encoder_decoder"``: the source run's network with
     this run's output channels and tasks, its weights but the task-specific ones loaded."""
-    from mosmos.models.registry import create_image_encoder, create_model
+    from mosmos.models.registry import create_image_encoder
     from mosmos.models.tag_head import TagAttentionHead
 
     spec, tensors, weights = read_network_source(init)
@@ -364,16 +353,27 @@ def _build_from_network(
     inherited = {
         k: v for k, v in spec.decoder.items() if k not in ("num_classes", "num_tasks", "deep_supervision")
     }
+    model = _create_segmenter(
+        name, image_encoder, num_classes, num_tasks, head, {**inherited, **(decoder_kwargs or {})}
+    )
+    return model, load_network_weights(model, tensors, weights)
+
+
+def _create_segmenter(
+    name: str, image_encoder: nn.Module, num_classes: int, num_tasks: int, head: Any, decoder_kwargs: dict
+) -> nn.Module:
+    """The registered segmenter ``name`` around ``image_encoder``; a bad setting is a ConfigError."""
+    from mosmos.models.registry import create_model
+
     try:
-        model = create_model(
+        return create_model(
             "segmenter",
             name,
             encoder=image_encoder,
             num_classes=num_classes,
             num_tasks=num_tasks,
             attention_head=head,
-            **{**inherited, **(decoder_kwargs or {})},
+            **decoder_kwargs,
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"cannot build segmenter {name!r}: {err}") from err
-    return model, load_network_weights(model, tensors, weights)

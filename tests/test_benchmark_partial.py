@@ -11,7 +11,8 @@ import scipy.stats
 
 from mosmos.benchmark import run as benchmark
 from mosmos.benchmark.config import PARTIAL_STRATEGIES, BenchmarkConfig
-from mosmos.benchmark.plan import config_hash, make_plan
+from mosmos.benchmark.hashing import config_hash
+from mosmos.benchmark.plan import make_plan
 from mosmos.benchmark.run import run_benchmark
 from mosmos.benchmark.summary import comparison_family
 from mosmos.cli import main as cli

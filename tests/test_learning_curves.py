@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mosmos.benchmark import plan as plan_module
+from mosmos.benchmark import hashing as hashing_module
 from mosmos.benchmark.config import BenchmarkConfig
-from mosmos.benchmark.plan import NEUTRAL_KEYS, config_hash, curve_steps, make_plan, step_cap
+from mosmos.benchmark.hashing import NEUTRAL_KEYS, config_hash
+from mosmos.benchmark.plan import make_plan
 from mosmos.benchmark.plots import curve_intervals, dodged_positions, plot_dice_vs_steps
 from mosmos.benchmark.report import CURVE_COLUMNS, curve_rows
+from mosmos.benchmark.steps import curve_steps, step_cap
 from mosmos.cli import main as cli
 from mosmos.config import load_config
 from mosmos.engine import Engine, TrainConfig
@@ -209,14 +211,14 @@ def test_curve_points_leave_the_cell_hashes_of_earlier_benchmarks_alone(bench_di
     cell = with_curves.cells[0]
     ignore = (*NEUTRAL_KEYS, "model.init")
     now = config_hash(cell.config, ignore)
-    real = plan_module.to_dict
+    real = hashing_module.to_dict
 
     def older(cfg):
         tree = real(cfg)
         del tree["train"]["snapshot_steps"], tree["train"]["stop_after_steps"]
         return tree
 
-    monkeypatch.setattr(plan_module, "to_dict", older)
+    monkeypatch.setattr(hashing_module, "to_dict", older)
     assert config_hash(cell.config, ignore) == now
     monkeypatch.undo()
     # a run stopped early is another experiment

@@ -315,6 +315,76 @@ def test_benchmark_plans_mosmos_variant_masks(tmp_path):
     assert masks == plain
 
 
+def test_benchmark_plans_the_masked_control_and_the_attention_strategies(tmp_path):
+    """shuffled_variant+masks: the mosmos_variant+masks stage 1 with shuffled reports and nothing else
+    changed; a ``+attention`` strategy shares its base strategy's encoder and feeds the maps to the
+    decoder."""
+    from mosmos.benchmark.config import BenchmarkConfig
+    from mosmos.benchmark.plan import make_plan
+
+    for name in ("target", "test", "few"):
+        (tmp_path / name).mkdir()
+    cfg = load_config(
+        BenchmarkConfig,
+        None,
+        [
+            f"output_dir={tmp_path / 'bench'}",
+            f"data.target={tmp_path / 'target'}",
+            f"data.test={tmp_path / 'test'}",
+            f"data.pretrain_table={tmp_path / 'reports.csv'}",
+            f"data.mask_datasets=[{tmp_path / 'few'}]",
+            "strategies=[random, mosmos_variant+masks, mosmos_variant+masks+attention, "
+            "shuffled_variant+masks+attention]",
+            "objective_variants=[lit]",
+            "label_cases=[1]",
+            "fractions=[]",
+            "seeds=[0]",
+            f"pretrain_config={DEMO}",
+            f"finetune_config={REPO / 'configs/finetune/demo.yaml'}",
+        ],
+    )
+    plan = make_plan(cfg)
+    assert sorted(plan.variants) == ["mosmos_variant_masks", "shuffled_variant_masks"]
+    real, control = (
+        plan.variants["mosmos_variant_masks"].config,
+        plan.variants["shuffled_variant_masks"].config,
+    )
+    assert control.data.shuffle_reports and not real.data.shuffle_reports
+    assert control.data.mask_datasets == [str(tmp_path / "few")] and control.train.variants == ["lit"]
+    control.data.shuffle_reports, control.output_dir = False, real.output_dir
+    assert control == real
+    cells = {c.strategy: c.config for c in plan.cells}
+    assert cells["mosmos_variant+masks+attention"].model.attention_maps
+    assert not cells["mosmos_variant+masks"].model.attention_maps
+    assert cells["mosmos_variant+masks+attention"].model.init == cells["mosmos_variant+masks"].model.init
+    assert cells["shuffled_variant+masks+attention"].model.attention_maps
+
+
+def test_each_strategy_is_compared_with_the_control_of_its_stage1():
+    from mosmos.benchmark.summary import control_of
+
+    every = [
+        "random",
+        "mosmos",
+        "mosmos+attention",
+        "mosmos_variant",
+        "mosmos_variant+masks",
+        "mosmos_variant+masks+attention",
+        "shuffled_tags",
+        "shuffled_variant",
+        "shuffled_variant+masks",
+        "shuffled_variant+masks+attention",
+    ]
+    assert control_of("mosmos_variant+masks", every) == "shuffled_variant+masks"
+    assert control_of("mosmos_variant+masks+attention", every) == "shuffled_variant+masks+attention"
+    assert control_of("mosmos_variant", every) == "shuffled_variant"
+    assert control_of("mosmos+attention", every) == "shuffled_tags"
+    assert all(control_of(s, every) is None for s in ("random", "shuffled_variant+masks", "shuffled_tags"))
+    # without the masked control the variant's own control stands in; without any, no comparison
+    assert control_of("mosmos_variant+masks+attention", ["random", "shuffled_variant"]) == "shuffled_variant"
+    assert control_of("mosmos_variant", ["random", "shuffled_tags"]) is None
+
+
 def test_the_report_compares_the_masks_strategies_with_their_control_and_without_masks():
     """mosmos_variant+masks is compared with random, with its shuffled-report control and with
     mosmos_variant (what the masks add); each difference equals an independent mean over the rows."""

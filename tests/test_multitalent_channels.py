@@ -330,7 +330,8 @@ def test_the_warm_up_freezes_nothing_after_a_random_initialisation():
 
 # ----------------------------------------------------------------------------- the benchmark
 def test_multidataset_cells_transfer_the_whole_network_and_older_hashes_still_match(tmp_path):
-    from mosmos.benchmark.plan import config_hash, make_plan
+    from mosmos.benchmark.hashing import config_hash
+    from mosmos.benchmark.plan import make_plan
     from mosmos.config import to_dict
     from tests.test_benchmark_partial import _config
 

@@ -26,17 +26,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
+from mosmos.cli.demo_summary import organ_dice, prediction_overlay, write_summary
 from mosmos.resources import configs_dir
 
 _SEG_DATASETS = ("Dataset011_AbdomenA", "Dataset012_KidneyB", "Dataset013_VesselsC")
 _TARGET = "Dataset012_KidneyB"  # the benchmark's fine-tuning target
 _MASK_DATASETS = ("Dataset011_AbdomenA", "Dataset013_VesselsC")  # not the target: no extra target labels
 _TEST_DATASET = "Dataset099_SynthTest"
-_MONTAGE_ORGANS = ("liver", "kidney_left", "aorta")  # the summary's attention montages
 
 #: The quick demo's overrides of the shipped demo configs, per stage ("{data}" is OUT/data).
 QUICK: dict[str, list[str]] = {
@@ -151,14 +150,9 @@ def _evaluate(model: Path, test: Path, out: Path) -> tuple[str, dict]:
     cases = json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("cases", "?")
     line = (
         f"mean Dice {summary.get('mean_dice', math.nan):.3f} over {cases} test cases "
-        f"and {len(_organ_dice(summary))} organs ({_seconds(t0)})"
+        f"and {len(organ_dice(summary))} organs ({_seconds(t0)})"
     )
     return line, summary
-
-
-def _organ_dice(summary: dict) -> dict[str, float]:
-    """``{organ: Dice}`` from an evaluation summary's ``dice/<dataset>/<organ>`` keys."""
-    return {k.rsplit("/", 1)[1]: v for k, v in summary.items() if k.startswith("dice/") and k.count("/") == 2}
 
 
 def _predict(model: Path, test: Path, out: Path) -> tuple[str, Path, Path]:
@@ -236,109 +230,6 @@ def _benchmark_line(bench: Path) -> tuple[str, list[str]]:
     return "; ".join(lines) + f" — {verdict}", lines
 
 
-def _copy(src: Path, dst_dir: Path) -> str | None:
-    if not src.is_file():
-        return None
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dst_dir / src.name)
-    return f"{dst_dir.name}/{src.name}"
-
-
-def _prediction_overlay(scan: Path, test: Path, predictions: Path, label_map: Path, path: Path) -> Path:
-    """The predicted scan's overlay as stage 2 draws its validation overlays (prediction filled, the
-    test set's ground truth outlined), label ids matched by organ name through both ``dataset.json``."""
-    import nibabel as nib
-    import numpy as np
-
-    from mosmos.finetune.overlays import case_overlay
-
-    predicted_ids = json.loads((predictions / "dataset.json").read_text(encoding="utf-8"))["labels"]
-    truth_ids = json.loads((test / "dataset.json").read_text(encoding="utf-8"))["labels"]
-    organs = [o for o, i in sorted(predicted_ids.items(), key=lambda kv: kv[1]) if i > 0]
-    prediction = np.asarray(nib.load(str(label_map)).dataobj).astype(np.int16)
-    case = label_map.name.removesuffix(".nii.gz")
-    truth_file = test / "labelsTr" / f"{case}.nii.gz"
-    truth = np.zeros_like(prediction)
-    if truth_file.is_file():
-        raw = np.asarray(nib.load(str(truth_file)).dataobj).astype(np.int16)
-        for organ, i in truth_ids.items():
-            if organ in predicted_ids and i > 0:
-                truth[raw == i] = predicted_ids[organ]
-    png = case_overlay(scan, truth, prediction, organs, f"{test.name} {case}: mosmos predict")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png)
-    return path
-
-
-def _summary(
-    out: Path,
-    budget: dict[str, list[str]] | None,
-    lines: dict[str, str],
-    evaluation: dict,
-    stage1_run: Path,
-    bench: Path,
-    overlay: Path | None,
-    elapsed: float,
-) -> Path:
-    figures = out / "summary_files"
-    rows = sorted(_organ_dice(evaluation).items())
-    md = [
-        "# mosmos demo",
-        "",
-        f"Budget: **{'quick' if budget else 'full'}**, {elapsed / 60:.1f} minutes on {os.cpu_count()} CPU(s). "
-        "Generated abdominal CT phantoms with reports (stage 1) and three partially labelled datasets "
-        "(stage 2); every number is on held-out generated data.",
-        "",
-        "| stage | result |",
-        "|---|---|",
-        *(f"| {stage} | {text} |" for stage, text in lines.items()),
-        "",
-        "## Test Dice per organ (stage 2 model, fully labelled test set)",
-        "",
-        "| organ | Dice |",
-        "|---|---|",
-        *(f"| {organ} | {dice:.3f} |" for organ, dice in rows),
-        "",
-        "## Pixel-tag attention (stage 1, held-out scans)",
-        "",
-        "Each organ's attention map (jet), its peak (+) and the organ's contour (green).",
-        "",
-    ]
-    for organ in _MONTAGE_ORGANS:
-        name = _copy(stage1_run / "attention" / f"montage_{organ}.png", figures)
-        if name:
-            md += [f"![{organ} attention]({name})", ""]
-    if overlay is not None:
-        md += [
-            "## A prediction",
-            "",
-            "`mosmos predict` on one test scan: each predicted organ filled, the ground truth outlined.",
-            "",
-            f"![prediction]({figures.name}/{overlay.name})",
-            "",
-        ]
-    md += ["## Initialisation benchmark", "", f"Full report: `{bench / 'summary.md'}`.", ""]
-    for png in sorted(bench.glob("*.png")):
-        name = _copy(png, figures)
-        if name:
-            md += [f"![{png.stem}]({name})", ""]
-    if budget:
-        md += [
-            "## Reproduce by hand",
-            "",
-            "The shipped configs (configs/pretrain/demo.yaml, configs/finetune/demo.yaml, "
-            "configs/benchmark/demo.yaml) with these overrides (`{data}` is " + f"`{out / 'data'}`):",
-            "",
-            *(f"- {stage}: `{' '.join(ov)}`" for stage, ov in budget.items()),
-            "",
-            "`mosmos demo --full` runs the configs as shipped (an hour or more on two cores).",
-            "",
-        ]
-    path = out / "summary.md"
-    path.write_text("\n".join(md), encoding="utf-8")
-    return path
-
-
 def run_demo(
     out: Path,
     seed: int = 0,
@@ -388,7 +279,7 @@ def run_demo(
     print("[5/6] predict: one test scan with `mosmos predict`", flush=True)
     line, scan, label_map = _predict(stage2, test, runs / "predict")
     report("predict", line)
-    overlay = _prediction_overlay(
+    overlay = prediction_overlay(
         scan, test, runs / "predict", label_map, out / "summary_files" / "prediction.png"
     )
 
@@ -398,6 +289,6 @@ def run_demo(
     line, _ = _benchmark_line(bench)
     report("benchmark", line)
 
-    summary = _summary(out, budget, lines, evaluation, stage1, bench, overlay, time.time() - t0)
+    summary = write_summary(out, budget, lines, evaluation, stage1, bench, overlay, time.time() - t0)
     print(f"\ndemo finished in {_seconds(t0)}. The summary: {summary}")
     return 0
