@@ -31,6 +31,7 @@ NEWER_DEFAULTS: dict[str, Any] = {
     "model.output_channels": "organ",
     "model.transfer": "encoder",
     "train.head_warmup_steps": 0,
+    "train.rewarm_steps": 0,
 }
 
 

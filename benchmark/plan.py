@@ -149,11 +149,17 @@ def variant_key(name: str, pretrain_seed: int | None) -> str:
 
 def multidataset_transfer(warmup_steps: int) -> list[str]:
     """What the cells of the ``multidataset`` strategy fine-tune with unless the benchmark's overrides
-    say otherwise (``train.pretrained_overrides: [model.transfer=encoder, train.head_warmup_steps=0]``
+    say otherwise (``train.pretrained_overrides: [model.transfer=encoder, train.head_warmup_steps=0,
+    train.rewarm_steps=0]``
     is the encoder-only transfer): MultiTalent's transfer of the whole network (Ulrich et al. 2023),
     whose fresh output head and task tokens first train alone, here for the cell's learning-rate
-    warm-up (``train.warmup_steps``)."""
-    return ["model.transfer=encoder_decoder", f"train.head_warmup_steps={warmup_steps}"]
+    warm-up (``train.warmup_steps``), after which the transferred weights warm up again over as many
+    steps (``train.rewarm_steps``, nnU-Net's second warm-up)."""
+    return [
+        "model.transfer=encoder_decoder",
+        f"train.head_warmup_steps={warmup_steps}",
+        f"train.rewarm_steps={warmup_steps}",
+    ]
 
 
 def _find_file(path: str, key: str) -> Path:

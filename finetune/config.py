@@ -147,6 +147,10 @@ class FinetuneTrain(TrainConfig):
     # MultiTalent's head warm-up: for the first N optimizer steps only the parameters model.init did
     # not transfer (with model.transfer=encoder_decoder: the output head and task tokens) train
     head_warmup_steps: int = 0
+    # after the encoder freeze or the head warm-up, the parameters that were held ramp their learning
+    # rate up linearly again over N steps (nnU-Net's second warm-up when fine-tuning pretrained
+    # weights); 0: they join the schedule at its current rate at once
+    rewarm_steps: int = 0
     # multitalent only: pool the Dice sums of each channel over the batch (nnU-Net's batch Dice)
     batch_dice: bool = True
     # nnU-Net's deep supervision: the loss also on the decoder's coarser outputs, weighted 1/2^k
@@ -164,6 +168,8 @@ class FinetuneTrain(TrainConfig):
             raise ConfigError(f"train.freeze_encoder_steps={self.freeze_encoder_steps} must be >= 0")
         if self.head_warmup_steps < 0:
             raise ConfigError(f"train.head_warmup_steps={self.head_warmup_steps} must be >= 0")
+        if self.rewarm_steps < 0:
+            raise ConfigError(f"train.rewarm_steps={self.rewarm_steps} must be >= 0")
 
 
 @dataclass

@@ -198,6 +198,7 @@ class StageTask:
         ]
         self.lr_scale = dict.fromkeys(prefixes, cfg.train.encoder_lr_scale)
         self.freeze_steps = dict.fromkeys(prefixes, cfg.train.freeze_encoder_steps)
+        self.rewarm_steps = cfg.train.rewarm_steps
         self.masked = MaskedBCEDiceLoss(bce_weight=cfg.train.bce_weight, dice_weight=cfg.train.dice_weight)
         self.ignoring = IgnoreBCEDiceLoss(bce_weight=cfg.train.bce_weight, dice_weight=cfg.train.dice_weight)
         self.to_local = [md.to_local(o) for o in self.organs]

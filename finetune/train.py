@@ -161,6 +161,7 @@ class FinetuneTask:
             cfg.train.head_warmup_steps,
             None if report is None else report.filled,
         )
+        self.rewarm_steps = cfg.train.rewarm_steps
         self.spec = ModelSpec(
             name=cfg.model.name,
             encoder=self.model.encoder.model_name,

@@ -171,6 +171,46 @@ def test_freeze_steps_keep_a_prefix_fixed_then_train_it_at_its_scaled_rate(tmp_p
     assert (0.5, 5) in lrs and (1.0, 0) in lrs
 
 
+def test_rewarm_ramps_a_group_up_again_after_its_freeze():
+    """cosine_with_warmup(rewarm=R): a group frozen for F steps has rate 0 before F, then (k+1)/R of
+    the schedule's rate at step F+k for k < R, then the schedule's rate; an unfrozen group is never
+    ramped a second time. Checked against the closed form."""
+    import math
+
+    from mosmos.engine.schedule import cosine_with_warmup
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = torch.optim.AdamW(
+        [
+            {"params": model[0].parameters(), "lr_scale": 0.5, "freeze_steps": 6},
+            {"params": model[1].parameters()},
+        ],
+        lr=1.0,
+    )
+    warmup, total, rewarm, frozen = 3, 20, 4, 6
+    sched = cosine_with_warmup(opt, warmup, total, rewarm)
+
+    def base(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+    for step in range(total):
+        held, free = (g["lr"] for g in opt.param_groups)
+        ramp = 0.0 if step < frozen else min(1.0, (step - frozen + 1) / rewarm)
+        assert held == pytest.approx(0.5 * ramp * base(step), rel=1e-12, abs=1e-15), step
+        assert free == pytest.approx(base(step), rel=1e-12), step
+        opt.step()
+        sched.step()
+    # without rewarm the group joins at the schedule's rate at once
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "freeze_steps": 6}], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup, total)
+    for _ in range(frozen):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(base(frozen), rel=1e-12)
+
+
 class InfGradTask(ToyTask):
     """The loss stays finite but its gradient is NaN (d/dx sqrt(x) at 0, times 0) after ``bad_after``
     calls."""

@@ -341,6 +341,7 @@ def test_multidataset_cells_transfer_the_whole_network_and_older_hashes_still_ma
     cells = {c.strategy: c for c in plan.cells if c.seed == 0 and c.budget == "f1"}
     md = cells["multidataset"].config
     assert md.model.transfer == "encoder_decoder" and md.train.head_warmup_steps == md.train.warmup_steps > 0
+    assert md.train.rewarm_steps == md.train.warmup_steps
     assert md.model.init == str(plan.variants["multidataset"].dir)
     for strategy in ("random", "mosmos"):
         ft = cells[strategy].config
@@ -355,6 +356,7 @@ def test_multidataset_cells_transfer_the_whole_network_and_older_hashes_still_ma
             ("model", "transfer"),
             ("model", "output_channels"),
             ("train", "head_warmup_steps"),
+            ("train", "rewarm_steps"),
         ):
             del tree[section][key]
         assert config_hash(tree) == config_hash(ft)

@@ -48,7 +48,8 @@ logger = logging.getLogger("mosmos")
 
 class Task(Protocol):
     """What a stage hands the engine (optionally also ``lr_scale`` and ``freeze_steps``, by
-    parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`; ``monitor``:
+    parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`, and ``rewarm_steps``:
+    see :func:`mosmos.engine.schedule.cosine_with_warmup`; ``monitor``:
     the validation metric, higher is better, that ``train.early_stopping_patience`` watches; and
     ``eval_images``: ``{tag: [H, W, 3] array}`` the last ``evaluate`` drew, logged to TensorBoard; and
     ``save_snapshot(model, folder)``: the task's own weight files, written into a ``train.snapshot_steps``
@@ -172,7 +173,9 @@ class Engine:
         self.model, self.optimizer, self.loader = self.accelerator.prepare(task.model, optimizer, loader)
         steps_per_epoch = max(1, len(self.loader) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-        self.scheduler = cosine_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        self.scheduler = cosine_with_warmup(
+            self.optimizer, cfg.warmup_steps, self.total_steps, getattr(task, "rewarm_steps", 0)
+        )
         # train.stop_after_steps ends the loop early; the schedule above still spans total_steps
         self.last_step = min(self.total_steps, cfg.stop_after_steps or self.total_steps)
         self.snapshot_steps = set(cfg.snapshot_steps)

@@ -55,10 +55,13 @@ def make_optimizer(
 
 
 def cosine_with_warmup(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, rewarm: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``, per group: each
-    group's rate is scaled by its ``lr_scale`` and is 0 for its first ``freeze_steps`` steps."""
+    group's rate is scaled by its ``lr_scale`` and is 0 for its first ``freeze_steps`` steps. With
+    ``rewarm`` > 0 a frozen group, once its freeze ends, ramps up linearly again over ``rewarm`` steps
+    to the rate the schedule has reached (the second warm-up of nnU-Net's fine-tuning from pretrained
+    weights, after the new head trained alone) instead of joining at that rate at once."""
 
     # transformers' get_cosine_schedule_with_warmup does this too, but it ignores per-group scales.
     # A group frozen for its first N steps gets lr 0 there (AdamW with lr 0 leaves weights unchanged,
@@ -67,10 +70,11 @@ def cosine_with_warmup(
     def factor(step: int, frozen: int) -> float:
         if step < frozen:
             return 0.0
+        ramp = (step - frozen + 1) / rewarm if frozen and rewarm and step < frozen + rewarm else 1.0
         if step < warmup:
-            return (step + 1) / max(1, warmup)
+            return ramp * (step + 1) / max(1, warmup)
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def group_lambda(group: dict) -> Callable[[int], float]:
         scale, frozen = group.get("lr_scale", 1.0), group.get("freeze_steps", 0)
