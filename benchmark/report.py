@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mosmos.benchmark.comparisons import interval_table
 from mosmos.benchmark.config import PARTIAL_PREFIX, BenchmarkConfig, budget_label
 from mosmos.benchmark.plan import CURVE_TEST_PREFIX, DONE_FILE, Plan, axis_of
 from mosmos.benchmark.plots import plot_dice_vs_budget, plot_dice_vs_steps, plot_organ_dice
@@ -28,7 +29,7 @@ from mosmos.benchmark.stats import (
     budget_of,
     curve_means,
 )
-from mosmos.benchmark.summary import interval_table, write_summary
+from mosmos.benchmark.summary import write_summary
 from mosmos.errors import DataError
 from mosmos.io import atomic_path, atomic_write_text
 

@@ -11,6 +11,7 @@ import pytest
 import scipy.stats
 
 from mosmos.benchmark import run as benchmark
+from mosmos.benchmark.comparisons import format_interval_table, interval_table
 from mosmos.benchmark.config import BenchmarkConfig
 from mosmos.benchmark.plan import make_plan
 from mosmos.benchmark.run import run_benchmark
@@ -23,7 +24,6 @@ from mosmos.benchmark.stats import (
     holm,
     paired_wilcoxon,
 )
-from mosmos.benchmark.summary import format_interval_table, interval_table
 from mosmos.cli import main as cli
 from mosmos.config import load_config
 from mosmos.errors import ConfigError

@@ -10,11 +10,11 @@ import pytest
 import scipy.stats
 
 from mosmos.benchmark import run as benchmark
+from mosmos.benchmark.comparisons import comparison_family
 from mosmos.benchmark.config import PARTIAL_STRATEGIES, BenchmarkConfig
 from mosmos.benchmark.hashing import config_hash
 from mosmos.benchmark.plan import make_plan
 from mosmos.benchmark.run import run_benchmark
-from mosmos.benchmark.summary import comparison_family
 from mosmos.cli import main as cli
 from mosmos.config import load_config
 from mosmos.errors import ConfigError

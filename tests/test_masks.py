@@ -361,7 +361,7 @@ def test_benchmark_plans_the_masked_control_and_the_attention_strategies(tmp_pat
 
 
 def test_each_strategy_is_compared_with_the_control_of_its_stage1():
-    from mosmos.benchmark.summary import control_of
+    from mosmos.benchmark.comparisons import control_of
 
     every = [
         "random",
