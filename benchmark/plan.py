@@ -8,8 +8,9 @@ reused across cells and invocations. Cells live in ``OUTPUT/runs/<strategy>/<bud
 configuration stops the benchmark (:func:`check_stale`) rather than mixing two experiments.
 
 Learning curves: each cell's ``train.snapshot_steps`` are its ``curve_points`` times its step cap
-(:func:`mosmos.benchmark.steps.step_cap`, :func:`~mosmos.benchmark.steps.curve_steps`). Snapshots change no result, so the key is left out of the
-hash (:data:`mosmos.benchmark.hashing.NEUTRAL_KEYS`): a cell finished before curves existed still matches its config.
+(:func:`mosmos.benchmark.steps.step_cap`, :func:`mosmos.benchmark.steps.curve_steps`). Snapshots
+change no result, so the key is left out of the hash (:data:`mosmos.benchmark.hashing.NEUTRAL_KEYS`):
+a cell finished before curves existed still matches its config.
 """
 
 from __future__ import annotations
@@ -150,8 +151,7 @@ def variant_key(name: str, pretrain_seed: int | None) -> str:
 def multidataset_transfer(warmup_steps: int) -> list[str]:
     """What the cells of the ``multidataset`` strategy fine-tune with unless the benchmark's overrides
     say otherwise (``train.pretrained_overrides: [model.transfer=encoder, train.head_warmup_steps=0,
-    train.rewarm_steps=0]``
-    is the encoder-only transfer): MultiTalent's transfer of the whole network (Ulrich et al. 2023),
+    train.rewarm_steps=0]`` is the encoder-only transfer): MultiTalent's transfer of the whole network (Ulrich et al. 2023),
     whose fresh output head and task tokens first train alone, here for the cell's learning-rate
     warm-up (``train.warmup_steps``), after which the transferred weights warm up again over as many
     steps (``train.rewarm_steps``, nnU-Net's second warm-up)."""
