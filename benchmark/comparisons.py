@@ -75,8 +75,7 @@ def control_of(strategy: str, strategies: Sequence[str]) -> str | None:
     if strategy == "random" or base in CONTROLS:
         return None
     if base.startswith("mosmos_variant"):
-        candidates = ["shuffled_variant+masks", "shuffled_variant"] if base.endswith("+masks") else []
-        candidates = candidates or ["shuffled_variant"]
+        candidates = (["shuffled_variant+masks"] if base.endswith("+masks") else []) + ["shuffled_variant"]
     else:
         candidates = ["shuffled_tags"]
     for control in candidates:
