@@ -218,7 +218,7 @@ class StageTask:
 
     def _step_a(self, logits, feats, label, labelled) -> dict[str, torch.Tensor]:
         from mosmos.models.mutual_losses import feature_difference_loss, prediction_difference_loss
-        from mosmos.models.seg_losses import _one_hot_organs
+        from mosmos.models.seg_loss_terms import _one_hot_organs
 
         terms = {"sup": 0.0, "pred_diff": 0.0, "feat_diff": 0.0}
         total = 0.0
@@ -250,7 +250,7 @@ class StageTask:
             ignore_index,
             mutual_consistency_loss,
         )
-        from mosmos.models.seg_losses import _one_hot_organs
+        from mosmos.models.seg_loss_terms import _one_hot_organs
 
         n_organs = len(self.md.organs)
         ignore = ignore_index(n_organs)

@@ -89,12 +89,8 @@ class FinetuneTask:
 
     def __init__(self, cfg: FinetuneConfig, accelerator) -> None:
         from mosmos.finetune.pretrained import build_segmenter
-        from mosmos.models.seg_losses import (
-            DeepSupervisionLoss,
-            MarginalLoss,
-            MaskedBCEDiceLoss,
-            MultiTalentLoss,
-        )
+        from mosmos.models.deep_supervision import DeepSupervisionLoss
+        from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss, MultiTalentLoss
 
         self.cfg, self.accelerator = cfg, accelerator
         self.output_dir = Path(cfg.output_dir)

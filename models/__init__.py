@@ -27,12 +27,8 @@ if TYPE_CHECKING:
         list_models,
         register_model,
     )
-    from mosmos.models.seg_losses import (
-        MarginalLoss,
-        MaskedBCEDiceLoss,
-        decode_prediction,
-        organ_probabilities,
-    )
+    from mosmos.models.seg_decode import decode_prediction, organ_probabilities
+    from mosmos.models.seg_losses import MarginalLoss, MaskedBCEDiceLoss
     from mosmos.models.segmentation import MOCTransSegmenter, SegmenterBase, UNETRSegmenter, UNetSegmenter
     from mosmos.models.tag_head import TagAttentionHead, TagHeadConfig
     from mosmos.models.text import TextEncoder, build_small_bert
@@ -62,8 +58,8 @@ _EXPORTS = {
     "UNetSegmenter": "mosmos.models.segmentation",
     "MarginalLoss": "mosmos.models.seg_losses",
     "MaskedBCEDiceLoss": "mosmos.models.seg_losses",
-    "decode_prediction": "mosmos.models.seg_losses",
-    "organ_probabilities": "mosmos.models.seg_losses",
+    "decode_prediction": "mosmos.models.seg_decode",
+    "organ_probabilities": "mosmos.models.seg_decode",
     "TextEncoder": "mosmos.models.text",
     "build_small_bert": "mosmos.models.text",
 }

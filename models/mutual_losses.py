@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mosmos.models.seg_losses import _expand, _one_hot_organs, _soft_dice_loss, _upcast
+from mosmos.models.seg_loss_terms import _expand, _one_hot_organs, _soft_dice_loss, _upcast
 
 __all__ = [
     "IgnoreBCEDiceLoss",

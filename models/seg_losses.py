@@ -24,15 +24,16 @@ marginal losses return, per batch, the mean over the ``B`` samples of per-sample
 exactly zero gradient) rather than being dropped from the denominator, so a sample's gradient does
 not depend on what else is in the batch.
 
-:class:`DeepSupervisionLoss` applies any of them at every resolution of a deeply supervised decoder.
+:class:`DeepSupervisionLoss` applies any of them at every resolution of a deeply supervised decoder
+(:mod:`mosmos.models.deep_supervision`).
 
 :func:`decode_prediction` and :func:`organ_probabilities` turn logits into a label map or organ
-probabilities under the matching convention.
+probabilities under the matching convention (:mod:`mosmos.models.seg_decode`).
+
+Both are re-exported here; the shared blocks of the losses live in :mod:`mosmos.models.seg_loss_terms`.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,87 +48,9 @@ __all__ = [
     "deep_supervision_weights",
     "organ_probabilities",
 ]
-
-#: every strategy but "marginal" trains one independent sigmoid per organ
-Strategy = Literal["masked", "marginal", "multitalent", "mutual"]
-SIGMOID_STRATEGIES = ("masked", "multitalent", "mutual")
-
-
-def _check_inputs(
-    logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate shapes; return the label map as ``[B, *S]`` long and ``labelled`` as ``[B, C]`` bool."""
-    if logits.ndim < 3:
-        raise ValueError(
-            f"logits must be [B, C, *S] with at least one spatial dim, got {tuple(logits.shape)}"
-        )
-    b, c, *spatial = logits.shape
-    if target.ndim == logits.ndim:
-        if target.shape[1] != 1:
-            raise ValueError(f"target must be [B, 1, *S] or [B, *S], got {tuple(target.shape)}")
-        target = target[:, 0]
-    if tuple(target.shape) != (b, *spatial):
-        raise ValueError(
-            f"target {tuple(target.shape)} does not match logits {tuple(logits.shape)} "
-            "(expected [B, 1, *S] or [B, *S])"
-        )
-    if tuple(labelled.shape) != (b, c):
-        raise ValueError(f"labelled must be [B, C] = {(b, c)}, got {tuple(labelled.shape)}")
-    if target.is_floating_point():
-        target = target.round()
-    target = target.long()
-    if bool(((target < 0) | (target > c)).any()):
-        raise ValueError(f"target values must lie in [0, {c}] (0 = background, k = organ k-1)")
-    labelled = labelled > 0.5 if labelled.is_floating_point() else labelled.bool()
-    return target, labelled.to(logits.device)
-
-
-def _one_hot_organs(target: torch.Tensor, num_organs: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, *S]`` label map -> ``[B, C, *S]`` one-hot of the organs (background dropped)."""
-    organs = torch.arange(1, num_organs + 1, device=target.device)
-    organs = organs.view(1, num_organs, *([1] * (target.ndim - 1)))
-    return (target.unsqueeze(1) == organs).to(dtype)
-
-
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits (e.g. under autocast) -> float32; float32 and float64 stay as they are."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
-def _expand(mask_bc: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``[B, C]`` -> ``[B, C, 1, ..., 1]`` broadcastable against a ``ndim``-dim tensor."""
-    return mask_bc.view(*mask_bc.shape, *([1] * (ndim - 2)))
-
-
-def _soft_dice_loss(
-    prob: torch.Tensor, onehot: torch.Tensor, mask_bc: torch.Tensor, smooth: float, batch_dice: bool
-) -> torch.Tensor:
-    """Soft Dice loss averaged over the labelled channels.
-
-    Hand-written rather than ``monai.losses.DiceLoss``: MONAI's loss has no per-(sample, channel)
-    mask, and masking its reduced output would leave the unlabelled sums in the graph (and, with
-    ``batch=True``, pool unlabelled samples into a channel's sums).
-
-    Returns:
-        Scalar: the batch mean of per-sample losses (each the mean over that sample's labelled
-        channels), or with ``batch_dice`` the mean over channels labelled anywhere in the batch of
-        the Dice loss pooled over the samples that label that channel.
-    """
-    dims = tuple(range(2, prob.ndim))
-    inter = (prob * onehot).sum(dims)
-    psum = prob.sum(dims)
-    tsum = onehot.sum(dims)
-    zero = torch.zeros_like(inter)
-    if batch_dice:
-        inter, psum, tsum = (torch.where(mask_bc, x, zero).sum(0) for x in (inter, psum, tsum))
-        channel = mask_bc.any(0)
-        loss_c = 1.0 - (2.0 * inter + smooth) / (psum + tsum + smooth)
-        loss_c = torch.where(channel, loss_c, torch.zeros_like(loss_c))
-        return loss_c.sum() / channel.sum().clamp_min(1)
-    loss_bc = 1.0 - (2.0 * inter + smooth) / (psum + tsum + smooth)
-    loss_bc = torch.where(mask_bc, loss_bc, zero)
-    per_sample = loss_bc.sum(1) / mask_bc.sum(1).clamp_min(1)
-    return per_sample.mean()
+from mosmos.models.deep_supervision import DeepSupervisionLoss, deep_supervision_weights
+from mosmos.models.seg_decode import decode_prediction, organ_probabilities
+from mosmos.models.seg_loss_terms import _check_inputs, _expand, _one_hot_organs, _soft_dice_loss, _upcast
 
 
 class MaskedBCEDiceLoss(nn.Module):
@@ -375,88 +298,3 @@ class MultiTalentLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
         return self.components(logits, target, labelled)["loss"]
-
-
-def deep_supervision_weights(n: int) -> list[float]:
-    """nnU-Net's deep-supervision weights of ``n`` outputs (finest first): ``1 / 2**k``, normalised
-    to sum 1. (nnU-Net also has an output at the coarsest decoder stage with weight 0; our decoders
-    do not build it, see :class:`~mosmos.models.segmentation.unet.UNetSegmenter`.)"""
-    if n < 1:
-        raise ValueError(f"n={n} must be >= 1")
-    raw = [0.5**k for k in range(n)]
-    return [w / sum(raw) for w in raw]
-
-
-class DeepSupervisionLoss(nn.Module):
-    """A loss applied at every resolution of a deeply supervised decoder (nnU-Net's
-    ``DeepSupervisionWrapper``, which MultiTalent trains with).
-
-    ``components(outputs, target, labelled)`` takes the list of logits from
-    ``net(..., intermediates=True)`` (finest first), brings the label map to each output's size by
-    nearest-neighbour down-sampling (nnU-Net's ``nearest-exact``), applies ``loss`` to each, and
-    returns the weighted sums (:func:`deep_supervision_weights`) of the base loss's named terms.
-    A single tensor is passed to ``loss`` unchanged.
-
-    Args:
-        loss: a loss with ``components(logits, target, labelled) -> {"loss", ...}``.
-    """
-
-    def __init__(self, loss: nn.Module) -> None:
-        super().__init__()
-        self.loss = loss
-
-    def components(
-        self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor, labelled: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        if isinstance(outputs, torch.Tensor):
-            return self.loss.components(outputs, target, labelled)
-        weights = deep_supervision_weights(len(outputs))
-        full = target if target.ndim == outputs[0].ndim else target.unsqueeze(1)
-        total: dict[str, torch.Tensor] = {}
-        for w, logits in zip(weights, outputs, strict=True):
-            t = full
-            if tuple(full.shape[2:]) != tuple(logits.shape[2:]):
-                t = F.interpolate(full.float(), size=logits.shape[2:], mode="nearest-exact").to(full.dtype)
-            for name, value in self.loss.components(logits, t, labelled).items():
-                total[name] = total[name] + w * value if name in total else w * value
-        return total
-
-    def forward(
-        self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor, labelled: torch.Tensor
-    ) -> torch.Tensor:
-        return self.components(outputs, target, labelled)["loss"]
-
-
-def organ_probabilities(logits: torch.Tensor, strategy: Strategy) -> torch.Tensor:
-    """Per-organ probabilities ``[B, C, *S]`` under the convention of the loss used to train.
-
-    Args:
-        logits: ``[B, C, *S]`` organ logits.
-        strategy: ``"masked"`` (independent sigmoids, :class:`MaskedBCEDiceLoss`) or ``"marginal"``
-            (softmax over a zero background logit and the organs, background dropped,
-            :class:`MarginalLoss`).
-    """
-    if strategy in SIGMOID_STRATEGIES:
-        return torch.sigmoid(logits)
-    if strategy == "marginal":
-        full = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
-        return torch.softmax(full, dim=1)[:, 1:]
-    raise ValueError(f"strategy={strategy!r} must be one of {[*SIGMOID_STRATEGIES, 'marginal']}")
-
-
-def decode_prediction(logits: torch.Tensor, strategy: Strategy, threshold: float = 0.5) -> torch.Tensor:
-    """Label map ``[B, *S]`` (long; 0 background, k organ k-1) from organ logits ``[B, C, *S]``.
-
-    ``"masked"``: the organ with the highest sigmoid probability if that probability exceeds
-    ``threshold``, else background. ``"marginal"``: argmax over ``[0, logit_1, ..., logit_C]``
-    (``threshold`` unused); ties go to the lower index, i.e. to background first.
-    """
-    if logits.ndim < 3:
-        raise ValueError(f"logits must be [B, C, *S], got {tuple(logits.shape)}")
-    if strategy in SIGMOID_STRATEGIES:
-        best, idx = torch.sigmoid(logits).max(dim=1)
-        return torch.where(best > threshold, idx + 1, torch.zeros_like(idx))
-    if strategy == "marginal":
-        full = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
-        return full.argmax(dim=1)
-    raise ValueError(f"strategy={strategy!r} must be one of {[*SIGMOID_STRATEGIES, 'marginal']}")
