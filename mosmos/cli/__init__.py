@@ -168,7 +168,7 @@ def _export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --output when it is not empty")
 
     def run(args):
-        from mosmos.api import export_run
+        from mosmos.api_export import export_run
 
         out = export_run(args.run, args.output, overwrite=args.overwrite)
         print(f"exported {args.run} to {out} (load it with mosmos.from_pretrained({str(out)!r}))")
@@ -187,7 +187,7 @@ def _info(sub) -> None:
     def run(args):
         import json
 
-        from mosmos.api import format_info, run_info
+        from mosmos.api_info import format_info, run_info
 
         info = run_info(args.run)
         print(json.dumps(info, indent=2) if args.json else format_info(info))
