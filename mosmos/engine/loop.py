@@ -14,6 +14,9 @@ Learning curves: ``train.snapshot_steps`` saves the model weights after those op
 (:meth:`Engine.save_snapshot`), touching no RNG stream, batch or optimizer state, so the run trains
 bit for bit as it would without; ``train.stop_after_steps`` ends a run after that many steps with the
 schedule of the whole budget, the run a snapshot stands for.
+
+The engine's logs and metrics (loss lines, evaluation, early stop, end-of-run summary) are in
+:mod:`mosmos.engine.reporting`; the :class:`Task` contract in :mod:`mosmos.engine.task`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from mosmos.channels_last import to_channels_last
@@ -34,11 +37,11 @@ from mosmos.engine import checkpoints
 from mosmos.engine.accelerator import make_accelerator
 from mosmos.engine.autotune import choose_channels_last, resolve_num_workers
 from mosmos.engine.config import TrainConfig
-from mosmos.engine.images import log_images
+from mosmos.engine.reporting import ReportingMixin
 from mosmos.engine.sampler import make_train_loader
 from mosmos.engine.schedule import cosine_with_warmup, make_optimizer
+from mosmos.engine.task import Task
 from mosmos.errors import MosmosError
-from mosmos.io import write_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -46,27 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mosmos")
 
 
-class Task(Protocol):
-    """What a stage hands the engine (optionally also ``lr_scale`` and ``freeze_steps``, by
-    parameter-name prefix: see :func:`mosmos.engine.schedule.parameter_groups`, and ``rewarm_steps``:
-    see :func:`mosmos.engine.schedule.cosine_with_warmup`; ``monitor``:
-    the validation metric, higher is better, that ``train.early_stopping_patience`` watches; and
-    ``eval_images``: ``{tag: [H, W, 3] array}`` the last ``evaluate`` drew, logged to TensorBoard; and
-    ``save_snapshot(model, folder)``: the task's own weight files, written into a ``train.snapshot_steps``
-    snapshot, by default :func:`mosmos.engine.checkpoints.write_weights`)."""
-
-    model: torch.nn.Module
-    train_dataset: Dataset
-    collate_fn: Callable | None
-
-    def step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        """Named losses for one batch, with the total under ``"loss"``."""
-
-    def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
-        """Validation metrics (runs on the main process, model unwrapped)."""
-
-
-class Engine:
+class Engine(ReportingMixin):
     """Runs a :class:`Task` under an ``accelerate.Accelerator``.
 
     Example:
@@ -322,94 +305,6 @@ class Engine:
             raise KeyboardInterrupt
         self.interrupted = True
         print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True)
-
-    # ------------------------------------------------------ logs and metrics
-    def _log(self, bar: tqdm) -> None:
-        """Mean losses since the last log line and the learning rate, to TensorBoard and the bar."""
-        n = self.cfg.log_every * self.cfg.grad_accum
-        logs = {f"train/{k}": v / n for k, v in self.running.items()}
-        logs["train/lr"] = self.scheduler.get_last_lr()[0]
-        # what the loader costs: a share near 0 means the model, not the data, sets the pace
-        elapsed = self.timing["data_s"] + self.timing["step_s"]
-        if elapsed > 0:
-            logs["perf/data_wait_share"] = self.timing["data_s"] / elapsed
-            logs["perf/seconds_per_step"] = elapsed / self.cfg.log_every
-        self.timing = {"data_s": 0.0, "step_s": 0.0}
-        self.accelerator.log(logs, step=self.global_step)
-        bar.set_postfix(
-            {
-                k.split("/")[1]: f"{v:.3f}"
-                for k, v in logs.items()
-                if k.startswith("train/") and k != "train/lr"
-            }
-        )
-        self.running = {}
-
-    def _evaluate(self) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                metrics = self.task.evaluate(model, self.epoch)
-            model.train(was_training)
-            record = {"epoch": self.epoch, "step": self.global_step, **metrics}
-            self.history.append(record)
-            acc.log(
-                {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                step=self.global_step,
-            )
-            log_images(acc, getattr(self.task, "eval_images", None) or {}, self.global_step)
-            write_json(self.output_dir / "metrics.json", {"history": self.history, "final": record})
-            # per-organ entries ("pointing_game/liver") go to TensorBoard and metrics.json only
-            acc.print(
-                "eval "
-                + " ".join(
-                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k
-                )
-            )
-        acc.wait_for_everyone()
-
-    def _plateaued(self) -> bool:
-        """``train.early_stopping_patience`` evaluations in a row without a new best of the task's
-        ``monitor`` metric (decided on the main process, which holds the history; every process
-        then stops at the same step)."""
-        patience, metric = self.cfg.early_stopping_patience, getattr(self.task, "monitor", None)
-        if patience is None or metric is None:
-            return False
-        acc = self.accelerator
-        if acc.is_main_process:
-            values = [h[metric] for h in self.history if isinstance(h.get(metric), (int, float))]
-            finite = [v if v == v else float("-inf") for v in values]  # NaN never counts as a best
-            if finite and len(finite) - 1 - max(range(len(finite)), key=finite.__getitem__) >= patience:
-                acc.set_trigger()
-        if acc.check_trigger():
-            self.stopped_early = True
-            acc.print(
-                f"early stop at step {self.global_step}: {patience} evaluation(s) without a better {metric}"
-            )
-            return True
-        return False
-
-    def _finish(self, start: float) -> None:
-        """The final evaluation and checkpoint, unless the last step already has them."""
-        if not self.history or self.history[-1]["step"] != self.global_step:
-            self._evaluate()
-        latest = checkpoints.list_checkpoints(self.output_dir)
-        if not latest or latest[0].name != checkpoints.checkpoint_name(self.global_step):
-            self.save_checkpoint()
-        if self.last_step < self.total_steps and self.global_step == self.last_step:
-            self.accelerator.print(
-                f"stopped after {self.global_step} of {self.total_steps} steps (train.stop_after_steps)"
-            )
-        self.accelerator.print(
-            f"done: {self.global_step} steps in {time.time() - start:.0f}s "
-            f"({self.data_wait_share:.1%} of the training time waiting for data, "
-            f"{self.num_workers} loader worker(s), "
-            f"{'channels-last' if self.channels_last else 'default'} layout)"
-        )
 
     # ---------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
