@@ -88,7 +88,6 @@ import torch
 from torch.utils.data import Dataset
 
 from mosmos.finetune.config import FinetuneConfig
-from mosmos.finetune.data import PatchDataset, build_train_dataset
 from mosmos.finetune.inference import load_model, save_model
 from mosmos.finetune.mutual_pseudo import PseudoLabelled, make_pseudo_labels
 from mosmos.finetune.mutual_stage import (
@@ -103,6 +102,7 @@ from mosmos.finetune.mutual_stage import (
     member_spec,
     validation_rows,
 )
+from mosmos.finetune.patches import PatchDataset, build_train_dataset
 from mosmos.io import write_json
 
 

@@ -18,8 +18,9 @@ from torch.utils.data import Dataset
 
 from mosmos.errors import ConfigError
 from mosmos.finetune.config import FinetuneConfig
-from mosmos.finetune.data import SegData, build_seg_data, cached_train_cases, load_preprocess
+from mosmos.finetune.data import SegData, build_seg_data, load_preprocess
 from mosmos.finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
+from mosmos.finetune.patches import cached_train_cases
 from mosmos.io import write_json
 from mosmos.vocabulary import load_vocabulary
 

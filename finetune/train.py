@@ -18,12 +18,12 @@ from mosmos.config import check_divisible, load_config
 from mosmos.finetune.config import FinetuneConfig
 from mosmos.finetune.data import (  # load_label, organ_tasks: imported from here by older code
     build_seg_data,
-    build_train_dataset,
     load_label,
     load_preprocess,
     organ_tasks,
 )
 from mosmos.finetune.inference import ModelSpec, Predictor, decode_probabilities, save_model
+from mosmos.finetune.patches import build_train_dataset
 from mosmos.io import atomic_write_bytes, write_json
 from mosmos.vocabulary import load_vocabulary
 

@@ -139,7 +139,8 @@ def cached_datasets(cfg: Any) -> list:
         data = build_datasets(cfg, load_vocabulary(cfg.data.vocabulary, cfg.data.organs))
         return [data.train.cached_volumes, data.val.cached_volumes]
     if isinstance(cfg, FinetuneConfig):
-        from mosmos.finetune.data import build_seg_data, cached_train_cases, load_preprocess
+        from mosmos.finetune.data import build_seg_data, load_preprocess
+        from mosmos.finetune.patches import cached_train_cases
 
         preprocess = load_preprocess(cfg)
         data = build_seg_data(cfg, load_vocabulary(cfg.data.vocabulary))
