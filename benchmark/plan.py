@@ -36,7 +36,7 @@ from mosmos.benchmark.plan_builders import (
     variant_key,
 )
 from mosmos.errors import ConfigError
-from mosmos.export import ENCODER_JSON, ENCODER_WEIGHTS
+from mosmos.export_format import ENCODER_JSON, ENCODER_WEIGHTS
 from mosmos.finetune.config import FinetuneConfig
 from mosmos.pretrain.config import PretrainConfig
 

@@ -41,7 +41,8 @@ from mosmos.benchmark.steps import step_cap
 from mosmos.config import dump_config, load_config
 from mosmos.engine.checkpoints import list_snapshots
 from mosmos.errors import MosmosError
-from mosmos.export import Preprocessing, write_encoder_export
+from mosmos.export_format import Preprocessing
+from mosmos.export_write import write_encoder_export
 from mosmos.finetune.evaluate import evaluate_run
 from mosmos.finetune.inference import load_model
 from mosmos.finetune.predict import read_spec

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from mosmos.errors import ConfigError
-from mosmos.export import PREFIXES, EncoderExport, build_tag_head, export_paths, read_encoder_export
+from mosmos.export import build_tag_head, export_paths, read_encoder_export
+from mosmos.export_format import PREFIXES, EncoderExport
 
 __all__ = [
     "DEFAULT_ENCODERS",

@@ -26,13 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from mosmos.errors import ConfigError
-from mosmos.export import (
-    ENCODER_JSON,
-    ENCODER_WEIGHTS,
-    PRETRAINED_CONFIG,
-    PRETRAINED_WEIGHTS,
-    read_encoder_export,
-)
+from mosmos.export import read_encoder_export
+from mosmos.export_format import ENCODER_JSON, ENCODER_WEIGHTS, PRETRAINED_CONFIG, PRETRAINED_WEIGHTS
 from mosmos.io import write_json
 
 __all__ = ["FORMAT", "export_run", "run_kind"]

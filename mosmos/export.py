@@ -8,14 +8,16 @@ so that its presence marks a complete export. Stage 1 and the benchmark write ex
 :func:`write_encoder_export`; stage 2 and users read them with :func:`read_encoder_export` or
 :func:`load_encoder`. ``mosmos-encoder-v1`` exports (before the objective, projections, text tower
 and commit were recorded) are still read.
+
+The file names and records are defined in :mod:`mosmos.export_format` and the writing is in
+:mod:`mosmos.export_write`; this module reads and loads exports and re-exports both.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +25,17 @@ import torch
 from torch import nn
 
 from mosmos.errors import ConfigError
-from mosmos.io import atomic_path, atomic_write_text
+from mosmos.export_format import (
+    ENCODER_JSON,
+    ENCODER_WEIGHTS,
+    EXPORT_FORMAT,
+    PREFIXES,
+    PRETRAINED_CONFIG,
+    PRETRAINED_WEIGHTS,
+    EncoderExport,
+    Preprocessing,
+)
+from mosmos.export_write import source_commit, write_encoder_export
 from mosmos.models.encoders.base import ImageEncoder
 from mosmos.models.pretrain_model import ProjectionHead
 from mosmos.models.tag_head import TagAttentionHead
@@ -46,77 +58,10 @@ __all__ = [
     "write_encoder_export",
 ]
 
-EXPORT_FORMAT = "mosmos-encoder-v2"
 _V1_FORMAT = "mosmos-encoder-v1"  # before the objective, projections, text tower and commit were recorded
-ENCODER_JSON = "encoder.json"
-ENCODER_WEIGHTS = "encoder.safetensors"
-#: What ``mosmos export`` writes (Hugging Face's names): the record of :mod:`mosmos.api`, whose
-#: ``encoder`` entry is an ``encoder.json``, and the weights, named as in ``encoder.safetensors``.
-PRETRAINED_CONFIG = "config.json"
-PRETRAINED_WEIGHTS = "model.safetensors"
-#: Tensor-name prefix of each part in ``encoder.safetensors``.
-PREFIXES = {part: f"{part}." for part in ("encoder", "tag_attention", "image_projection", "text_projection")}
-_PROJECTIONS = ("image", "text")
 #: What a v1 encoder.json could hold (only architecture and encoder_kwargs were required).
 _V1_KEYS = {"architecture", "encoder_kwargs", "feature_channels", "feature_strides", "preprocess"}
 _V1_KEYS |= {"organs", "tag_attention", "objective"}
-
-
-@dataclass
-class Preprocessing:
-    """How the encoder's inputs were prepared (``mosmos.transforms`` does the same in both stages)."""
-
-    spacing: list[float]  # voxel size in mm, RAS axis order
-    size: list[int]  # network input in voxels
-    hu_window: list[float]  # HU mapped linearly onto intensity_range, values outside clipped
-    body_threshold_hu: float  # raw HU above this is body (the mask pooling and attention use)
-    intensity_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    orientation: str = "RAS"
-
-    def __post_init__(self) -> None:
-        self.spacing = [float(v) for v in self.spacing]
-        self.size = [int(v) for v in self.size]
-        self.hu_window = [float(v) for v in self.hu_window]
-        self.intensity_range = [float(v) for v in self.intensity_range]
-        self.body_threshold_hu = float(self.body_threshold_hu)
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"preprocess.spacing={self.spacing} must be three positive numbers (mm)")
-        if len(self.size) != 3 or min(self.size) < 1:
-            raise ValueError(f"preprocess.size={self.size} must be three positive integers")
-        if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
-            raise ValueError(f"preprocess.hu_window={self.hu_window} must be [low, high] with low < high")
-        if self.intensity_range != [0.0, 1.0]:
-            raise ValueError(f"preprocess.intensity_range={self.intensity_range}: only [0, 1] is supported")
-
-    def to_config(self, **overrides: Any) -> Any:
-        """The :class:`mosmos.transforms.PreprocessConfig` of these settings (``overrides`` win)."""
-        from mosmos.transforms import PreprocessConfig
-
-        keys = ("spacing", "size", "hu_window", "body_threshold_hu")
-        return PreprocessConfig(**{**{k: getattr(self, k) for k in keys}, **overrides})
-
-
-@dataclass
-class EncoderExport:
-    """What ``encoder.json`` holds (its keys are these fields)."""
-
-    architecture: str  # image encoder registry name (see `mosmos models`)
-    encoder_kwargs: dict[str, Any]  # its constructor kwargs
-    feature_channels: list[int] = field(default_factory=list)  # of its feature maps, high resolution first
-    feature_strides: list[int] = field(default_factory=list)  # their strides relative to the input
-    preprocess: Preprocessing | None = None  # None only in v1 exports that did not record it
-    organs: list[str] = field(default_factory=list)  # tag order of the tag head
-    tag_attention: dict[str, Any] | None = None  # TagAttentionHead.head_config() (None: no tag head)
-    projections: dict[str, dict[str, int]] = field(default_factory=dict)  # image/text -> in_dim, out_dim
-    temperature: float | None = None  # learned contrastive temperature (None: no text side)
-    text: dict[str, Any] | None = None  # text tower: name, pooling, folder (relative to the export)...
-    objective: dict[str, Any] = field(default_factory=dict)  # every loss weight and gradient setting
-    commit: str = ""  # the mosmos commit (or version) that trained it
-    format: str = EXPORT_FORMAT
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable dict (what ``encoder.json`` holds)."""
-        return asdict(self)
 
 
 class LoadedEncoder(NamedTuple):
@@ -127,108 +72,6 @@ class LoadedEncoder(NamedTuple):
     preprocess: Preprocessing | None  # how inputs must be prepared
     projections: dict[str, ProjectionHead]  # "image" / "text" joint-space heads (empty without text)
     export: EncoderExport  # everything else encoder.json records (organs, objective, commit, ...)
-
-
-def source_commit() -> str:
-    """The git commit of the mosmos checkout this code runs from (``-dirty`` with uncommitted
-    changes), else ``mosmos <version>`` (an installed wheel has no repository)."""
-    from mosmos import __version__
-
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        cmd = ["git", "-C", str(root), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout
-
-    try:
-        top, sha = git("rev-parse", "--show-toplevel", "HEAD").split()
-        # an installed copy inside somebody else's repository must not record that repository's commit
-        if Path(top).resolve() == root:
-            return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    return f"mosmos {__version__}"
-
-
-def _projection_dims(head: ProjectionHead) -> dict[str, int]:
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return {"in_dim": linears[0].in_features, "out_dim": linears[-1].out_features}
-
-
-def write_encoder_export(
-    out_dir: str | Path,
-    architecture: str,
-    encoder: ImageEncoder,
-    preprocess: Preprocessing,
-    *,
-    tag_head: TagAttentionHead | None = None,
-    organs: Sequence[str] = (),
-    projections: Mapping[str, ProjectionHead] | None = None,
-    temperature: float | None = None,
-    text: Mapping[str, Any] | None = None,
-    objective: Mapping[str, Any] | None = None,
-) -> EncoderExport:
-    """Write ``encoder.safetensors``, then ``encoder.json``, into ``out_dir`` (created when missing).
-
-    Args:
-        architecture: the registry name that rebuilds ``encoder`` (with its ``encoder_config()``).
-        tag_head: the pixel-tag attention head, if any; ``organs`` names its tags in order.
-        projections: joint-space projection heads by side (``"image"``, ``"text"``).
-        text: how the text tower was built and where it is saved (relative to ``out_dir``).
-        objective: every loss weight and gradient setting the encoder was trained with.
-        preprocess, temperature: recorded as given.
-
-    Returns:
-        What ``encoder.json`` now holds.
-
-    Raises:
-        ValueError: a tag head whose tag count differs from ``organs``, an unknown projection
-            side, or a record that is not JSON-serialisable.
-    """
-    projections = dict(projections or {})
-    unknown = sorted(set(projections) - set(_PROJECTIONS))
-    if unknown:
-        raise ValueError(f"projections: unknown side(s) {unknown}; valid: {list(_PROJECTIONS)}")
-    head_config = tag_head.head_config() if tag_head is not None else None
-    if head_config is not None and head_config["num_tags"] != len(organs):
-        raise ValueError(
-            f"the tag head has {head_config['num_tags']} tags but {len(organs)} organs are named"
-        )
-    meta = EncoderExport(
-        architecture=architecture,
-        encoder_kwargs=encoder.encoder_config(),
-        feature_channels=[int(c) for c in encoder.feature_channels],
-        feature_strides=[int(s) for s in encoder.feature_strides],
-        preprocess=preprocess,
-        organs=list(organs),
-        tag_attention=head_config,
-        projections={side: _projection_dims(head) for side, head in projections.items()},
-        temperature=None if temperature is None else float(temperature),
-        text=None if text is None else dict(text),
-        objective=dict(objective or {}),
-        commit=source_commit(),
-    )
-    try:
-        text_json = json.dumps(meta.to_dict(), indent=2) + "\n"
-    except TypeError as err:
-        raise ValueError(f"encoder.json would not be valid JSON: {err}") from None
-
-    from safetensors.torch import save_file
-
-    parts: dict[str, nn.Module] = {"encoder": encoder}
-    if tag_head is not None:
-        parts["tag_attention"] = tag_head
-    parts.update({f"{side}_projection": head for side, head in projections.items()})
-    tensors = {
-        PREFIXES[part] + key: value.detach().cpu().contiguous()
-        for part, module in parts.items()
-        for key, value in module.state_dict().items()
-    }
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir / ENCODER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT})
-    atomic_write_text(out_dir / ENCODER_JSON, text_json)
-    return meta
 
 
 def export_paths(path: str | Path) -> tuple[Path, Path]:
