@@ -32,6 +32,7 @@ NEWER_DEFAULTS: dict[str, Any] = {
     "model.transfer": "encoder",
     "train.head_warmup_steps": 0,
     "train.rewarm_steps": 0,
+    "train.cpu_processes": 1,
 }
 
 

@@ -301,5 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = [*args.overrides, *(["train.overwrite=true"] if args.overwrite else [])]
     cfg = load_config(FinetuneConfig, args.config, overrides)
-    run(cfg)
-    return 0
+    from mosmos.engine.launch import run_stage_maybe_split
+
+    return run_stage_maybe_split("mosmos.finetune", args.config, overrides, cfg.train, lambda: run(cfg))

@@ -331,5 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*args.overrides, *(["train.overwrite=true"] if args.overwrite else [])]
     cfg = load_config(PretrainConfig, args.config, overrides)
     np.set_printoptions(precision=3)
-    run(cfg)
-    return 0
+    from mosmos.engine.launch import run_stage_maybe_split
+
+    return run_stage_maybe_split("mosmos.pretrain", args.config, overrides, cfg.train, lambda: run(cfg))

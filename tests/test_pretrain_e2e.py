@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from mosmos.config import load_config
@@ -118,3 +119,28 @@ def test_two_process_launch_forms_one_group(tiny_synth, tmp_path):
     # 18 training cases, 4 per process and step: 2 steps per epoch with 2 processes (4 with one)
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 4
     assert "i2t_R@1" in json.loads((out / "metrics.json").read_text())["final"]
+
+
+def test_cpu_processes_split_the_batch(tiny_synth, tmp_path):
+    """`mosmos pretrain ... train.cpu_processes=2` on a CPU: two ranks of half the batch each, one gloo
+    group (mosmos.engine.launch), the same number of steps as one process with the whole batch."""
+    out = tmp_path / "ranks"
+    overrides = tiny_pretrain_overrides(tiny_synth, out, **{"train.epochs": 2, "train.batch_size": 8})
+    cmd = [
+        sys.executable,
+        "-m",
+        "mosmos",
+        "pretrain",
+        "--config",
+        str(DEMO),
+        *overrides,
+        "train.cpu_processes=2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training as 2 data-parallel processes of 1 thread(s), batch 4 each" in proc.stderr
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert (ckpt / "random_states_1.pkl").is_file()
+    # 18 training cases, 8 per step in all: 2 steps per epoch
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 4
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"] == 4

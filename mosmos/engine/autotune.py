@@ -32,13 +32,17 @@ logger = logging.getLogger("mosmos")
 AUTOTUNE_FILE = "autotune.json"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cpus_per_process() -> int:
     """CPUs this process may use, shared among the processes launched on this machine."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def resolve_num_workers(requested: int | str, device: torch.device) -> int:

@@ -26,6 +26,11 @@ class TrainConfig:
     # DataLoader workers per process; auto: 1 on a CPU-only machine, up to 8 beside a GPU
     # (mosmos.engine.autotune.resolve_num_workers)
     num_workers: int | Literal["auto"] = "auto"
+    # on a machine without a GPU, `mosmos pretrain` / `mosmos finetune` train as this many data-parallel
+    # processes, each with batch_size / n samples and its share of the CPUs (mosmos.engine.launch).
+    # auto: one per CPU while each keeps at least 4 samples; 1: one process using every CPU's threads.
+    # BatchNorm then sees batch_size / n samples: results differ from one process beyond rounding
+    cpu_processes: int | Literal["auto"] = 1
     checkpoint_every: int = 200  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept
     # auto: continue the run in output_dir when it holds checkpoints of this same config, start
@@ -67,6 +72,7 @@ class TrainConfig:
             "train.warmup_steps": self.warmup_steps >= 0,
             "train.grad_accum": self.grad_accum >= 1,
             "train.num_workers": self.num_workers == "auto" or self.num_workers >= 0,
+            "train.cpu_processes": self.cpu_processes == "auto" or self.cpu_processes >= 1,
             "train.checkpoint_every": self.checkpoint_every >= 1,
             "train.keep_checkpoints": self.keep_checkpoints >= 1,
             "train.log_every": self.log_every >= 1,

@@ -91,7 +91,9 @@ class Engine(ReportingMixin):
         acc.init_trackers("tb" if self.cfg.log_with == "tensorboard" else "mosmos")
         checkpoints.remove_stale_temporaries(acc, self.output_dir)
         self.try_resume()
-        previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if acc.is_main_process else None
+        # every process: under `train.cpu_processes` each rank gets the terminal's Ctrl-C itself, and
+        # the ranks agree on stopping after the same step (_stop_requested)
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         bar = tqdm(
             total=self.last_step,
             initial=self.global_step,
@@ -221,7 +223,7 @@ class Engine(ReportingMixin):
                 self._log(bar)
             if self.global_step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self.global_step >= self.last_step or self.interrupted:
+            if self.global_step >= self.last_step or self._stop_requested():
                 return False
         return True
 
@@ -304,7 +306,21 @@ class Engine(ReportingMixin):
         if self.interrupted:
             raise KeyboardInterrupt
         self.interrupted = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True)
+        if self.accelerator.is_main_process:
+            print(
+                "\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)", flush=True
+            )
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop after this step for a Ctrl-C: on several processes, when any of them got
+        one (a signal reaches the ranks at different moments; all must stop after the same step).
+        On CPU ranks only (`train.cpu_processes`): GPU runs under a launcher are stopped by it, and a
+        per-step host sync would stall the GPU."""
+        acc = self.accelerator
+        if acc.num_processes > 1 and acc.device.type == "cpu":
+            flag = torch.tensor([float(self.interrupted)])
+            self.interrupted = bool(acc.reduce(flag, "max").item())
+        return self.interrupted
 
     # ---------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
