@@ -7,6 +7,7 @@ and everything the loop does, start-up and the final evaluation cancelling out; 
 from the old code but its command line. Sides alternate (old, new, old, new) so load drift hits both.
 
     python benchmarks/stage1_vs_commit.py --commit 8cedae3 [--short 10 --long 50] [--data DIR]
+        [--overrides train.cpu_processes=auto]
 
 The earlier commit is checked out with ``git worktree`` into a temporary folder and run with this
 environment's Python and libraries (its packages first on ``PYTHONPATH``).
@@ -36,7 +37,7 @@ def _uses_installed_name(root: Path) -> bool:
     return (root / "mosmos" / "entry.py").is_file()
 
 
-def timed_run(root: Path, data: Path, out: Path, steps: int) -> float:
+def timed_run(root: Path, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> float:
     """Wall seconds of one stage 1 run of ``steps`` optimizer steps from the tree at ``root``."""
     pairs = data / "pretrain"
     overrides = [
@@ -48,6 +49,7 @@ def timed_run(root: Path, data: Path, out: Path, steps: int) -> float:
         f"train.max_steps={steps}",
         "train.checkpoint_every=100000",
         "eval.attention_overlays=0",
+        *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
@@ -71,6 +73,12 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--data", type=Path, help="a `mosmos synth` output (default: generate 600 pairs)")
+    parser.add_argument(
+        "--overrides",
+        nargs="*",
+        default=[],
+        help="dotted overrides for this checkout's side only, e.g. train.cpu_processes=auto",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mosmos-vs-") as tmp:
         tmp = Path(tmp)
@@ -85,12 +93,13 @@ def main() -> None:
             data = args.data or synth(tmp / "data", pretrain_cases=600, workers=os.cpu_count() or 1)
             sides = {f"commit {args.commit}": old, "this checkout": REPO}
             per_step: dict[str, list[float]] = {k: [] for k in sides}
+            extra = {old: (), REPO: tuple(args.overrides)}
             for root in sides.values():  # fill each side's cache first (not timed)
-                timed_run(root, data, tmp / f"warm-{root.name}", 1)
+                timed_run(root, data, tmp / f"warm-{root.name}", 1, extra[root])
             for r in range(args.rounds):
                 for name, root in sides.items():
-                    short = timed_run(root, data, tmp / f"s{r}-{root.name}", args.short)
-                    long = timed_run(root, data, tmp / f"l{r}-{root.name}", args.long)
+                    short = timed_run(root, data, tmp / f"s{r}-{root.name}", args.short, extra[root])
+                    long = timed_run(root, data, tmp / f"l{r}-{root.name}", args.long, extra[root])
                     per_step[name].append((long - short) / (args.long - args.short))
                     print(f"{name}: {per_step[name][-1]:.3f} s per step (round {r + 1})", flush=True)
         finally:
@@ -98,7 +107,7 @@ def main() -> None:
     base, new = (min(v) for v in per_step.values())
     print(
         f"stage 1 demo step, {args.long - args.short} steps differenced: commit {args.commit} "
-        f"{base:.3f} s, this checkout {new:.3f} s: {base / new:.2f}x faster"
+        f"{base:.3f} s, this checkout {' '.join(args.overrides)} {new:.3f} s: {base / new:.2f}x faster"
     )
 
 
