@@ -26,15 +26,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, synth
 
-
-def _command(root: Path, installed_name: bool) -> list[str]:
-    module = "mosmos.pretrain" if installed_name else "pretrain"
-    return [sys.executable, "-m", module, "--config", str(root / "configs/pretrain/demo.yaml")]
+#: Run an installed-name tree (``mosmos.pretrain`` from the top-level ``pretrain/`` folder) from its
+#: own files: this environment's editable install would map ``mosmos.pretrain`` to this checkout, so
+#: its finder is dropped and the tree's root joins ``mosmos.__path__`` (where the folders are found).
+_OWN_TREE = (
+    "import runpy, sys; root = sys.argv.pop(1); "
+    "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in type(f).__module__]; "
+    "import mosmos; mosmos.__path__.append(root); "
+    "runpy.run_module('mosmos.pretrain', run_name='__main__', alter_sys=True)"
+)
 
 
 def _uses_installed_name(root: Path) -> bool:
     """Whether the tree installs its stages inside ``mosmos`` (after the redesign) or top-level."""
     return (root / "mosmos" / "entry.py").is_file()
+
+
+def _command(root: Path) -> list[str]:
+    config = ["--config", str(root / "configs/pretrain/demo.yaml")]
+    if root.resolve() == REPO.resolve():
+        return [sys.executable, "-m", "mosmos.pretrain", *config]
+    if _uses_installed_name(root):
+        return [sys.executable, "-c", _OWN_TREE, str(root), *config]
+    return [sys.executable, "-m", "pretrain", *config]
 
 
 def timed_run(root: Path, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> float:
@@ -54,7 +68,7 @@ def timed_run(root: Path, data: Path, out: Path, steps: int, extra: tuple[str, .
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
     proc = subprocess.run(
-        [*_command(root, _uses_installed_name(root)), *overrides],
+        [*_command(root), *overrides],
         cwd=out.parent,
         env=env,
         capture_output=True,
