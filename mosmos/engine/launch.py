@@ -1,18 +1,18 @@
 """A stage as several single-threaded data-parallel processes on a CPU-only machine
 (``train.cpu_processes``).
 
-On a CPU, PyTorch runs each operator over OpenMP threads. For stage 1's small 3D convolutions on
-2 cores, with the loader worker on one of them, that parallel region loses more at its barriers
-than it gains: the demo step took 0.62 s with 2 threads and 0.51 s with one, and 0.27 s as two
-processes of one thread each on half the batch (docs/results/stage1-speed.md). So where no GPU is
-present and a config's batch splits, ``mosmos pretrain`` runs as that many processes, each one
-thread and ``batch_size / n`` samples, joined by a gloo process group (what ``accelerate launch``
-with configs/accelerate/cpu_2proc.yaml does by hand).
+On a CPU, PyTorch runs each operator over OpenMP threads, which for stage 1's small 3D convolutions
+on 2 cores reach only about 1.3x of one core; processes of one thread each on a share of the batch
+reach more (stage 1 demo step, docs/results/stage1-speed.md: 0.346 s as two processes against
+0.435 s as one of two threads with channels-last off on both sides; 1.09x with the default layout).
+So where no GPU is present and a config's batch splits, ``mosmos pretrain`` / ``mosmos finetune``
+can run as that many processes, each with ``batch_size / n`` samples, joined by a gloo process group
+(what ``accelerate launch`` with configs/accelerate/cpu_2proc.yaml does by hand).
 
 Why not ``accelerate launch`` / ``torch.distributed.run`` underneath: on Ctrl-C their agent
 terminates the workers, while a run must finish its step and save a checkpoint. Here every rank is
 in the terminal's process group, gets the Ctrl-C itself and agrees with the others on stopping
-(``TrainLoop``); this process only waits, and stops the others if one rank fails.
+(``Engine._stop_requested``); this process only waits, and stops the others if one rank fails.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
 from mosmos.engine.autotune import usable_cpus
+from mosmos.engine.config import TrainConfig
 from mosmos.errors import ConfigError
 
 logger = logging.getLogger("mosmos")
@@ -124,7 +125,9 @@ def run_ranks(module: str, argv: list[str], world: int, threads: int) -> int:
         signal.signal(signal.SIGINT, previous)
 
 
-def run_stage_maybe_split(module: str, config: str, overrides: list[str], train: Any, run_here: Any) -> int:
+def run_stage_maybe_split(
+    module: str, config: str, overrides: list[str], train: TrainConfig, run_here: Callable[[], object]
+) -> int:
     """Run a stage here (``run_here()``), or as :func:`plan_cpu_processes` processes of ``module``
     with the command line ``--config config *overrides`` and each process's share of the batch."""
     world = plan_cpu_processes(train.cpu_processes, train.batch_size)

@@ -103,7 +103,7 @@ class Engine(ReportingMixin):
         )
         start = time.time()
         try:
-            while self.global_step < self.last_step and not self.interrupted and not self.stopped_early:
+            while self.global_step < self.last_step and not self._stop_requested() and not self.stopped_early:
                 if self._train_epoch(bar):  # ran to the end of the epoch
                     self.epoch += 1
                     self.batches_done = 0
@@ -318,8 +318,10 @@ class Engine(ReportingMixin):
         per-step host sync would stall the GPU."""
         acc = self.accelerator
         if acc.num_processes > 1 and acc.device.type == "cpu":
-            flag = torch.tensor([float(self.interrupted)])
-            self.interrupted = bool(acc.reduce(flag, "max").item())
+            # accelerate's trigger, as _plateaued uses it: set on any process, seen (and reset) by all
+            if self.interrupted:
+                acc.set_trigger()
+            self.interrupted = acc.check_trigger()
         return self.interrupted
 
     # ---------------------------------------------------------- checkpoints
