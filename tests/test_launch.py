@@ -49,6 +49,7 @@ RANK_MODULE = textwrap.dedent(
     dist.all_reduce(t)  # rank 0 waits here forever when rank 1 failed: run_ranks must stop it
     with open(os.path.join(sys.argv[2], f"rank{rank}.txt"), "w") as f:
         f.write(f"{t.item()} {torch.get_num_threads()} {os.environ['WORLD_SIZE']}")
+    dist.destroy_process_group()  # as a stage's end_training does: gloo may abort at exit otherwise
     """
 )
 

@@ -132,7 +132,14 @@ def run_stage_maybe_split(
     with the command line ``--config config *overrides`` and each process's share of the batch."""
     world = plan_cpu_processes(train.cpu_processes, train.batch_size)
     if world == 1:
-        run_here()
+        try:
+            run_here()
+        finally:
+            # A rank that exits with its gloo group alive can abort in the group's destructor at
+            # interpreter exit ("terminate called without an active exception", exit -6) after all
+            # its work is done; accelerate's end_training destroys it, this covers the other exits.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         return 0
     threads = max(1, usable_cpus() // world)
     logger.info(
