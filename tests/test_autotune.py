@@ -14,8 +14,10 @@ def test_worker_count(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert autotune.resolve_num_workers(3, cpu) == 3
     monkeypatch.setattr(autotune, "cpus_per_process", lambda: 2)
-    assert autotune.resolve_num_workers("auto", cpu) == 1
+    assert autotune.resolve_num_workers("auto", cpu) == 0  # a worker would take a core from the model
     assert autotune.resolve_num_workers("auto", gpu) == 1
+    monkeypatch.setattr(autotune, "cpus_per_process", lambda: 3)
+    assert autotune.resolve_num_workers("auto", cpu) == 1
     monkeypatch.setattr(autotune, "cpus_per_process", lambda: 1)
     assert autotune.resolve_num_workers("auto", cpu) == 0
     monkeypatch.setattr(autotune, "cpus_per_process", lambda: 32)

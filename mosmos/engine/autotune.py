@@ -46,15 +46,22 @@ def cpus_per_process() -> int:
 
 
 def resolve_num_workers(requested: int | str, device: torch.device) -> int:
-    """``train.num_workers``: a number is kept; ``auto`` gives one worker on a CPU-only machine (it
-    reads and augments the next batch while the model computes, without taking a core from it), and
-    up to 8 beside a GPU, leaving one CPU to the training process."""
+    """``train.num_workers``: a number is kept; ``auto`` gives up to 8 beside a GPU, leaving one CPU
+    to the training process, and on a CPU-only machine one worker from 3 CPUs per process up, none
+    below.
+
+    On a CPU the worker is one more busy process beside the training process's compute threads, and
+    each OpenMP region waits for its slowest thread: on 2 cores a worker made the stage 1 encoder's
+    forward pass 1.9x slower (py-spy), and both demo steps ran faster with the batch prepared in
+    line (``benchmarks/loader_workers.py``, 2-core AMD EPYC: stage 1 1.12x and 1.27x, stage 2 1.06x
+    and 1.50x; docs/results/stage1-speed.md).
+    """
     if requested != "auto":
         return int(requested)
     cpus = cpus_per_process()
     if device.type == "cuda":
         return max(0, min(8, cpus - 1))
-    return 1 if cpus >= 2 else 0
+    return 1 if cpus >= 3 else 0
 
 
 def _time_steps(

@@ -23,7 +23,8 @@ class TrainConfig:
     # autocast: fp16 on GPUs; bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX, see
     # mosmos.engine.precision), elsewhere full precision
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    # DataLoader workers per process; auto: 1 on a CPU-only machine, up to 8 beside a GPU
+    # DataLoader workers per process; auto: up to 8 beside a GPU; on a CPU-only machine 1 from 3 CPUs
+    # per process, 0 (batches prepared in line) below
     # (mosmos.engine.autotune.resolve_num_workers)
     num_workers: int | Literal["auto"] = "auto"
     # on a machine without a GPU, `mosmos pretrain` / `mosmos finetune` train as this many data-parallel
