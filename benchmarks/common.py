@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +121,16 @@ def synth(out: Path, pretrain_cases: int, seg_cases: int = 1, test_cases: int = 
         workers=workers,
     )
     return out
+
+
+def timed_command(argv: list[str], cwd: Path, env: dict[str, str], what: str) -> float:
+    """Wall seconds of one command run to its end; its output's tail as the error when it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return seconds
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, synth
+from common import REPO, synth, timed_command
 
 
 def _overrides(stage: int, data: Path, out: Path, steps: int) -> list[str]:
@@ -56,14 +54,7 @@ def timed_run(stage: int, data: Path, out: Path, steps: int, workers: int) -> fl
     config = REPO / "configs" / command / "demo.yaml"
     argv = [sys.executable, "-m", f"mosmos.{command}", "--config", str(config)]
     argv += [*_overrides(stage, data, out, steps), f"train.num_workers={workers}"]
-    start = time.perf_counter()
-    proc = subprocess.run(
-        argv, cwd=out.parent, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"stage {stage} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return seconds
+    return timed_command(argv, out.parent, {**os.environ, "PYTHONWARNINGS": "ignore"}, f"stage {stage}")
 
 
 def main() -> None:

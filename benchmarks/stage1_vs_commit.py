@@ -20,11 +20,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, synth
+from common import REPO, synth, timed_command
 
 #: Run an installed-name tree (``mosmos.pretrain`` from the top-level ``pretrain/`` folder) from its
 #: own files: this environment's editable install would map ``mosmos.pretrain`` to this checkout, so
@@ -66,18 +65,7 @@ def timed_run(root: Path, data: Path, out: Path, steps: int, extra: tuple[str, .
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [*_command(root), *overrides],
-        cwd=out.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{root}: stage 1 failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return seconds
+    return timed_command([*_command(root), *overrides], out.parent, env, f"{root}: stage 1")
 
 
 def main() -> None:
