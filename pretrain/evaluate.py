@@ -37,6 +37,17 @@ def collect_outputs(model, loader: DataLoader, device: torch.device, max_cases: 
     return {k: torch.cat(v)[:max_cases] if v else None for k, v in acc.items()}
 
 
+def organ_presence(labels: torch.Tensor, organ_label_ids: list[int | None]) -> torch.Tensor:
+    """``[N, T]`` bool: tag ``t``'s organ is in scan ``n``'s label map (never for an unlabelled tag)."""
+    return torch.stack(
+        [
+            (labels == i).flatten(1).any(1) if i is not None else torch.zeros(len(labels), dtype=torch.bool)
+            for i in organ_label_ids
+        ],
+        dim=1,
+    )
+
+
 def tag_metrics(
     logits: torch.Tensor,
     tags: torch.Tensor,
@@ -102,13 +113,7 @@ def compute_metrics(
         metrics.update({f"finding_AUROC/{k}": v for k, v in scored.items()})
     if outputs["labels"] is not None and organ_label_ids is not None:
         labels = outputs["labels"]
-        valid = torch.stack(
-            [
-                (labels == i).flatten(1).any(1) if i is not None else torch.zeros(n, dtype=torch.bool)
-                for i in organ_label_ids
-            ],
-            dim=1,
-        )
+        valid = organ_presence(labels, organ_label_ids)
         pg = pointing_game(
             outputs["attn_maps"],
             labels,

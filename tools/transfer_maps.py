@@ -26,6 +26,7 @@ from mosmos.config import load_config
 from mosmos.finetune.pretrained import build_segmenter
 from mosmos.pretrain.config import PretrainConfig
 from mosmos.pretrain.data import build_datasets
+from mosmos.pretrain.evaluate import organ_presence
 from mosmos.pretrain.metrics import pointing_game
 from mosmos.vocabulary import load_vocabulary
 
@@ -65,14 +66,7 @@ def score_run(run: Path, patch: list[int], max_cases: int) -> dict[str, dict]:
             _, attn = head(seg.encoder.forward_features(x[i : i + 8]), mask=m[i : i + 8])
             maps.append(attn.float())
         attn = torch.cat(maps)
-        valid = torch.stack(
-            [
-                (lab == i).flatten(1).any(1) if i is not None else torch.zeros(len(lab), dtype=torch.bool)
-                for i in ids
-            ],
-            dim=1,
-        )
-        results[setting] = pointing_game(attn, lab, ids, valid, names=vocab.names)
+        results[setting] = pointing_game(attn, lab, ids, organ_presence(lab, ids), names=vocab.names)
     head.pixel_tag.use_position_prior = False
     return results
 
