@@ -50,6 +50,7 @@ __all__ = [
     "axis_of",
     "cell_dirname",
     "check_stale",
+    "last_record",
     "make_plan",
     "strategy_dirname",
 ]
@@ -117,6 +118,17 @@ class Plan:
 
     variants: dict[str, Variant]  # by key: the variant name, plus "@s<seed>" with pretrain_seeds
     cells: list[Cell]
+
+
+def last_record(run_dir: Path) -> dict:
+    """The last evaluation record of a run's ``metrics.json`` (stage 1 or 2), ``{}`` when it has none
+    (not written yet, unreadable, or no evaluation ran)."""
+    path = run_dir / "metrics.json"
+    try:
+        history = json.loads(path.read_text(encoding="utf-8")).get("history", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return history[-1] if isinstance(history, list) and history and isinstance(history[-1], dict) else {}
 
 
 def axis_of(strategy: str) -> str:

@@ -34,6 +34,7 @@ from mosmos.benchmark.plan import (
     Cell,
     Variant,
     check_stale,
+    last_record,
     make_plan,
 )
 from mosmos.benchmark.report import write_report
@@ -92,15 +93,6 @@ def run_variant(variant: Variant) -> None:
         run_pretrain(variant.config)
 
 
-def _last_record(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
-    try:
-        history = json.loads(path.read_text(encoding="utf-8")).get("history", [])
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return {}
-    return history[-1] if history else {}
-
-
 def train_and_evaluate(cell: Cell, cfg: BenchmarkConfig) -> dict:
     """Train one cell (resuming), score its best-validation weights on ``data.test``.
 
@@ -148,7 +140,7 @@ def train_and_evaluate(cell: Cell, cfg: BenchmarkConfig) -> dict:
             if not (out / "cases.csv").is_file():  # scored before the benchmark was interrupted
                 score(snapshots[step], out)
             curve.append({"step": step, "fraction": share})
-    last = _last_record(cell.dir)
+    last = last_record(cell.dir)
     best_json = json.loads((cell.dir / BEST_FILE).read_text(encoding="utf-8"))
     split_path = cell.dir / SPLIT_FILE  # mutual learning writes none
     split = json.loads(split_path.read_text(encoding="utf-8")) if split_path.is_file() else {}

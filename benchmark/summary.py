@@ -24,7 +24,7 @@ from mosmos.benchmark.config import (
     BenchmarkConfig,
     budget_label,
 )
-from mosmos.benchmark.plan import Plan
+from mosmos.benchmark.plan import Plan, Variant, last_record
 from mosmos.benchmark.stats import (
     budget_of,
 )
@@ -125,7 +125,7 @@ def _budget_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]
         kind = "stage 2 supervised" if variant.name == "multidataset" else "stage 1"
         lines.append(
             f"- Pretraining variant {name}: {kind}, {size}, seed {variant.config.seed}, run once in "
-            f"{variant.dir} and shared by its cells."
+            f"{variant.dir} and shared by its cells{_stage1_scores(variant)}."
         )
     per_strategy: dict[str, list[float]] = {}
     for r in records:
@@ -137,6 +137,29 @@ def _budget_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]
             f"- Mean fine-tuning time per cell (this machine; pretraining not included): {', '.join(parts)}."
         )
     return lines
+
+
+#: The stage 1 held-out scores the summary quotes for each pretraining variant (metrics.json keys).
+STAGE1_SCORES = (
+    ("tag_present_AUROC", "present-tag AUROC"),
+    ("tag_abnormal_AUROC", "abnormal-tag AUROC"),
+    ("tag_mAP", "tag mAP"),
+    ("pointing_game", "pointing game"),
+    ("i2t_R@1", "image-to-report R@1"),
+)
+
+
+def _stage1_scores(variant: Variant) -> str:
+    """``; held-out scores at step N: ...`` of a finished stage 1 variant, so the reader sees what the
+    encoder had learned before any cell used it; empty for a stage 2 variant or one not evaluated yet."""
+    if variant.name == "multidataset" or not variant.done:
+        return ""
+    record = last_record(variant.dir)
+    scores = [f"{label} {record[key]:.3f}" for key, label in STAGE1_SCORES if record.get(key) is not None]
+    if not scores:
+        return ""
+    at = f" at step {record['step']}" if record.get("step") is not None else ""
+    return f"; its held-out scores{at}: {', '.join(scores)}"
 
 
 def _curve_lines(cfg: BenchmarkConfig, plan: Plan, records: list[dict[str, Any]]) -> list[str]:

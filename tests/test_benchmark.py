@@ -170,6 +170,35 @@ def test_pretraining_variants_are_keyed_by_their_config_hash(bench_dirs, fake_ru
     assert len(fake_runners["variants"]) == 3  # a new benchmark folder: the variant is trained there
 
 
+def test_the_summary_quotes_each_stage1_variants_last_held_out_scores(bench_dirs, fake_runners):
+    cfg = _config(bench_dirs, strategies="[random, mosmos, shuffled_tags]", seeds="[0]", fractions="[1.0]")
+    plan = make_plan(cfg)
+    mosmos_dir = plan.variants["mosmos"].dir
+    mosmos_dir.mkdir(parents=True)
+    history = [  # two evaluations: the summary quotes the last one, not the first
+        {"epoch": 1, "step": 30, "tag_present_AUROC": 0.5, "tag_abnormal_AUROC": 0.5, "pointing_game": 0.0},
+        {
+            "epoch": 2,
+            "step": 60,
+            "tag_present_AUROC": 0.91234,
+            "tag_abnormal_AUROC": 0.7,
+            "tag_mAP": 0.75,
+            "pointing_game": 0.25,
+            "i2t_R@1": 0.125,
+        },
+    ]
+    (mosmos_dir / "metrics.json").write_text(json.dumps({"history": history, "final": history[-1]}))
+    summary = run_benchmark(cfg).read_text()
+    line = next(x for x in summary.splitlines() if x.startswith("- Pretraining variant mosmos:"))
+    assert line.endswith(
+        "its held-out scores at step 60: present-tag AUROC 0.912, abnormal-tag AUROC 0.700, "
+        "tag mAP 0.750, pointing game 0.250, image-to-report R@1 0.125."
+    )
+    # the shuffled control's fake run wrote no metrics.json: its line says nothing it does not know
+    control = next(x for x in summary.splitlines() if x.startswith("- Pretraining variant shuffled_tags:"))
+    assert "held-out" not in control and control.endswith("shared by its cells.")
+
+
 def test_stage1_ablations_switch_off_their_terms(bench_dirs):
     cfg = _config(bench_dirs, strategies="[contrastive_only, tags_only]", seeds="[0]")
     variants = make_plan(cfg).variants
