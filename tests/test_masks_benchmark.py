@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mosmos.benchmark.config import BenchmarkConfig
+from mosmos.benchmark.plan import make_plan
 from mosmos.config import load_config
 from mosmos.errors import ConfigError
 from tests.conftest import REPO
@@ -11,24 +13,29 @@ from tests.conftest import REPO
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 
 
-def test_benchmark_strategy_sets_the_mask_datasets_of_its_stage1(tmp_path):
-    from mosmos.benchmark.config import BenchmarkConfig
-    from mosmos.benchmark.plan import make_plan
-
+def _bench_overrides(root, *extra: str) -> list[str]:
+    """A one-seed benchmark on empty stand-in datasets under ``root`` (enough for planning), plus ``extra``."""
     for name in ("target", "test", "other", "few"):
-        (tmp_path / name).mkdir()
-    base = [
-        f"output_dir={tmp_path / 'bench'}",
-        f"data.target={tmp_path / 'target'}",
-        f"data.test={tmp_path / 'test'}",
-        f"data.pretrain_table={tmp_path / 'reports.csv'}",
-        f"data.other_datasets=[{tmp_path / 'other'}]",
-        "strategies=[random, mosmos, mosmos+masks, shuffled_tags]",
-        "fractions=[1.0]",
+        (root / name).mkdir(exist_ok=True)
+    return [
+        f"output_dir={root / 'bench'}",
+        f"data.target={root / 'target'}",
+        f"data.test={root / 'test'}",
+        f"data.pretrain_table={root / 'reports.csv'}",
         "seeds=[0]",
         f"pretrain_config={DEMO}",
         f"finetune_config={REPO / 'configs/finetune/demo.yaml'}",
+        *extra,
     ]
+
+
+def test_benchmark_strategy_sets_the_mask_datasets_of_its_stage1(tmp_path):
+    base = _bench_overrides(
+        tmp_path,
+        f"data.other_datasets=[{tmp_path / 'other'}]",
+        "strategies=[random, mosmos, mosmos+masks, shuffled_tags]",
+        "fractions=[1.0]",
+    )
     variants = make_plan(load_config(BenchmarkConfig, None, base)).variants
     masks, paper = variants["mosmos_masks"].config, variants["mosmos"].config
     assert masks.data.mask_datasets == [str(tmp_path / "other")] and masks.train.variants == []
@@ -40,24 +47,13 @@ def test_benchmark_strategy_sets_the_mask_datasets_of_its_stage1(tmp_path):
 def test_benchmark_plans_mosmos_variant_masks(tmp_path):
     """mosmos_variant+masks: the mosmos_variant objective (objective_variants) plus the masked scans; a
     config without mask datasets is refused before any work."""
-    from mosmos.benchmark.config import BenchmarkConfig
-    from mosmos.benchmark.plan import make_plan
-
-    for name in ("target", "test", "few"):
-        (tmp_path / name).mkdir()
-    base = [
-        f"output_dir={tmp_path / 'bench'}",
-        f"data.target={tmp_path / 'target'}",
-        f"data.test={tmp_path / 'test'}",
-        f"data.pretrain_table={tmp_path / 'reports.csv'}",
+    base = _bench_overrides(
+        tmp_path,
         "strategies=[random, mosmos_variant, mosmos_variant+masks, shuffled_variant]",
         "objective_variants=[lit, pooled_tags]",
         "label_cases=[1]",
         "fractions=[]",
-        "seeds=[0]",
-        f"pretrain_config={DEMO}",
-        f"finetune_config={REPO / 'configs/finetune/demo.yaml'}",
-    ]
+    )
     with pytest.raises(ConfigError, match=r"data.mask_datasets .*mosmos_variant\+masks"):
         make_plan(load_config(BenchmarkConfig, None, base))
     variants = make_plan(
@@ -78,29 +74,18 @@ def test_benchmark_plans_the_masked_control_and_the_attention_strategies(tmp_pat
     """shuffled_variant+masks: the mosmos_variant+masks stage 1 with shuffled reports and nothing else
     changed; a ``+attention`` strategy shares its base strategy's encoder and feeds the maps to the
     decoder."""
-    from mosmos.benchmark.config import BenchmarkConfig
-    from mosmos.benchmark.plan import make_plan
-
-    for name in ("target", "test", "few"):
-        (tmp_path / name).mkdir()
     cfg = load_config(
         BenchmarkConfig,
         None,
-        [
-            f"output_dir={tmp_path / 'bench'}",
-            f"data.target={tmp_path / 'target'}",
-            f"data.test={tmp_path / 'test'}",
-            f"data.pretrain_table={tmp_path / 'reports.csv'}",
+        _bench_overrides(
+            tmp_path,
             f"data.mask_datasets=[{tmp_path / 'few'}]",
             "strategies=[random, mosmos_variant+masks, mosmos_variant+masks+attention, "
             "shuffled_variant+masks+attention]",
             "objective_variants=[lit]",
             "label_cases=[1]",
             "fractions=[]",
-            "seeds=[0]",
-            f"pretrain_config={DEMO}",
-            f"finetune_config={REPO / 'configs/finetune/demo.yaml'}",
-        ],
+        ),
     )
     plan = make_plan(cfg)
     assert sorted(plan.variants) == ["mosmos_variant_masks", "shuffled_variant_masks"]
@@ -149,7 +134,6 @@ def test_the_report_compares_the_masks_strategies_with_their_control_and_without
     mosmos_variant (what the masks add); each difference equals an independent mean over the rows."""
     import numpy as np
 
-    from mosmos.benchmark.config import BenchmarkConfig
     from mosmos.benchmark.summary import _init_lines
 
     rng = np.random.default_rng(0)
